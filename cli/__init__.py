@@ -1,0 +1,1 @@
+"""The dicomnode command line and composition root."""

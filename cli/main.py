@@ -1,0 +1,139 @@
+"""The ``dicomnode`` command line. Exit codes: 0 success, 1 runtime failure, 2 bad usage
+or bad configuration."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from config import ConfigError, Settings, load_settings
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep the hint short
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dicomnode",
+        description="A DICOM network node (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET) with a "
+        "DICOMweb bridge over one archive.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="path of ae.toml (default: ./ae.toml if present, "
+                       "else built-in defaults)")
+        p.add_argument("--data", type=Path, help="archive folder (overrides [storage] path)")
+
+    serve = sub.add_parser("serve", help="run the DIMSE node and the HTTP server until SIGINT/SIGTERM",
+                           description="Run the DIMSE node and the HTTP server in one process.")
+    config_arg(serve)
+    serve.add_argument("--ae-port", type=int, help="DIMSE port (overrides [ae] port)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (overrides [http] port)")
+    serve.set_defaults(func=cmd_serve)
+
+    imp = sub.add_parser("import", help="import files, folders and .zip archives into the archive",
+                         description="Import DICOM files, folders (recursive) and .zip archives "
+                         "through the same ingest path as C-STORE.")
+    config_arg(imp)
+    imp.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    imp.set_defaults(func=cmd_import)
+
+    check = sub.add_parser("check", help="validate the configuration",
+                           description="Validate ae.toml; exits 2 with the reason when it is wrong.")
+    config_arg(check)
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, dict] = {"ae": {}, "http": {}, "storage": {}}
+    if getattr(args, "data", None) is not None:
+        overrides["storage"]["path"] = str(args.data)
+    if getattr(args, "ae_port", None) is not None:
+        overrides["ae"]["port"] = args.ae_port
+    if getattr(args, "http_port", None) is not None:
+        overrides["http"]["port"] = args.http_port
+    return load_settings(args.config, overrides=overrides)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .runtime import serve_forever
+
+    try:
+        asyncio.run(serve_forever(settings))
+    except OSError as exc:
+        logging.getLogger("dicomnode").error(
+            "cannot start: %s (is another process using the port? change [ae] port / [http] port "
+            "or pass --ae-port / --http-port)", exc,
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from storage import Source
+    from storage.importer import ImportSummary, collect, import_items
+
+    from .runtime import open_archive
+
+    items = collect(args.paths)
+    archive = open_archive(settings)
+    summary = ImportSummary()
+    try:
+        with tqdm(total=sum(i.size for i in items), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="importing", disable=args.no_progress or None, file=sys.stderr) as bar:
+            for outcome in import_items(archive, items, Source("import", "cli")):
+                summary.add(outcome)
+                bar.update(outcome.size)
+                bar.set_postfix(stored=summary.stored, duplicate=summary.duplicate, rejected=summary.rejected)
+    finally:
+        archive.close()
+    print(f"stored: {summary.stored}  duplicate: {summary.duplicate}  rejected: {summary.rejected}")
+    for outcome in summary.rejections:
+        print(f"rejected {outcome.name}: {outcome.reason}")
+    return EXIT_FAILURE if summary.rejected else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    print(f"configuration OK ({settings.source}): AE {settings.ae.title} on {settings.ae.host}:"
+          f"{settings.ae.port}, HTTP on {settings.http.host}:{settings.http.port}, archive "
+          f"{settings.storage.path}, {len(settings.peers)} peer(s)")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"dicomnode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args, settings)
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The composition root: settings -> archive -> DIMSE node + HTTP app (+ inbox), run
+together in one process until SIGINT/SIGTERM, then stopped in order."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from config import Settings
+from dicomweb import create_app
+from node import DicomNode
+from storage import Archive
+from storage.inbox import Inbox
+
+log = logging.getLogger("dicomnode")
+
+
+def open_archive(settings: Settings) -> Archive:
+    return Archive(
+        settings.storage.path,
+        uid_root=settings.ae.uid_root,
+        stable_after_s=settings.storage.stable_after_s,
+    )
+
+
+@dataclass
+class Running:
+    """A started node: what tests and ``serve`` hold on to."""
+
+    settings: Settings
+    archive: Archive
+    node: DicomNode
+    runner: web.AppRunner
+    inbox: Inbox | None
+    http_port: int
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        log.info("shutting down: no new associations or requests")
+        await self.runner.cleanup()  # stops accepting, lets requests in flight finish
+        await asyncio.get_running_loop().run_in_executor(None, self.node.stop, grace_s)
+        if self.inbox is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.inbox.stop)
+        self.archive.close()
+        log.info("stopped cleanly")
+
+
+async def start(settings: Settings) -> Running:
+    started = time.perf_counter()
+    archive = open_archive(settings)
+    archive.start_stability_monitor()
+    node = DicomNode(settings, archive)
+    node.start()
+    app = create_app(settings, archive)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http.host, settings.http.port)
+    await site.start()
+    http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    inbox = None
+    if settings.inbox.path is not None:
+        inbox = Inbox(settings.inbox.path, archive, settle_s=settings.inbox.settle_s)
+        inbox.start()
+    counts = archive.counts()
+    log.info(
+        "dicomnode ready in %.2f s: AE %s on %s:%d, HTTP on http://%s:%d, archive %s (%d instances)",
+        time.perf_counter() - started, settings.ae.title, settings.ae.host, node.port,
+        settings.http.host, http_port, settings.storage.path, counts["instances"],
+    )
+    return Running(settings, archive, node, runner, inbox, http_port)
+
+
+async def serve_forever(settings: Settings) -> None:
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()

@@ -1,0 +1,65 @@
+"""The aiohttp app factory. Route families register from one list; every family module
+exposes ``routes`` (a ``web.RouteTableDef``)."""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from config import Settings
+from storage import Archive
+
+from . import operations
+from .errors import error_middleware
+from .keys import ARCHIVE, EXECUTOR, SETTINGS
+
+log = logging.getLogger("dicomnode.http")
+
+# Route families, in the order they are matched.
+FAMILIES = (operations,)
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler):
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        request.app[ARCHIVE].metrics.inc(
+            "dicomnode_http_requests_total", family=_family(request.path), status=str(status)
+        )
+        log.debug("%s %s %s -> %d in %.1f ms", request.remote, request.method, request.path, status,
+                  (time.perf_counter() - started) * 1000)
+
+
+def _family(path: str) -> str:
+    parts = path.strip("/").split("/")
+    return parts[0] or "root"
+
+
+def create_app(settings: Settings, archive: Archive) -> web.Application:
+    app = web.Application(
+        middlewares=[access_log_middleware, error_middleware],
+        client_max_size=settings.http.max_request_mb * 1024 * 1024,
+    )
+    app[SETTINGS] = settings
+    app[ARCHIVE] = archive
+
+    async def executor_ctx(app: web.Application):
+        pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="http-archive")
+        app[EXECUTOR] = pool
+        yield
+        pool.shutdown(wait=True)
+
+    app.cleanup_ctx.append(executor_ctx)
+    for family in FAMILIES:
+        app.add_routes(family.routes)
+    return app

@@ -1,0 +1,13 @@
+"""Typed application keys, kept together (aiohttp ``web.AppKey``)."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from config import Settings
+from storage import Archive
+
+SETTINGS = web.AppKey("settings", Settings)
+ARCHIVE = web.AppKey("archive", Archive)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)

@@ -1,0 +1,295 @@
+"""pynetdicom event handlers: small functions that translate DIMSE to archive calls and
+archive results to DIMSE statuses. They receive their dependencies through the 3-tuple
+binding ``(evt.EVT_X, handler, [context])``; decisions stay in the archive."""
+from __future__ import annotations
+
+import logging
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import build_context
+
+from config import Settings
+from storage import Archive, ArchiveError, Query, Source
+from storage.attributes import UNIQUE_KEY
+
+from .datasets import identifier_keys, response_dataset
+from .statuses import FIND_STATUS, RETRIEVE_STATUS, STORE_STATUS, status_for
+
+log = logging.getLogger("dicomnode.node")
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+UNCOMPRESSED = (
+    pydicom.uid.ExplicitVRLittleEndian,
+    pydicom.uid.ImplicitVRLittleEndian,
+)
+MAX_CONTEXTS = 128
+
+
+@dataclass
+class AssociationLog:
+    """What one peer did during one association, logged when it ends."""
+
+    calling_ae: str
+    address: str
+    organization: str
+    operations: Counter = field(default_factory=Counter)
+    failures: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class NodeContext:
+    """Everything the handlers need, bound once when the AE is built."""
+
+    settings: Settings
+    archive: Archive
+    associations: dict[int, AssociationLog] = field(default_factory=dict)
+
+    def peer_of(self, event: Event) -> AssociationLog:
+        assoc = event.assoc
+        entry = self.associations.get(id(assoc))
+        if entry is None:
+            calling = assoc.requestor.ae_title.strip()
+            peer = self.settings.peer(calling)
+            entry = AssociationLog(
+                calling_ae=calling,
+                address=f"{assoc.requestor.address}:{assoc.requestor.port}",
+                organization=peer.organization if peer else "local",
+            )
+            self.associations[id(assoc)] = entry
+        return entry
+
+    def source(self, event: Event) -> Source:
+        peer = self.peer_of(event)
+        return Source("dimse", peer.calling_ae, peer.address.rsplit(":", 1)[0], peer.organization)
+
+
+# ---------------------------------------------------------------- connection events
+
+
+def handle_conn_open(event: Event) -> None:
+    """Turn Nagle's algorithm off: every multi-response DIMSE operation would otherwise
+    wait ~40 ms per PDU for the peer's delayed ACK."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def handle_requested(event: Event, ctx: NodeContext) -> None:
+    """Access control at association time: unknown peers (when required) are rejected
+    with A-ASSOCIATE-RJ, calling-AE-not-recognized."""
+    assoc = event.assoc
+    calling = assoc.requestor.ae_title.strip()
+    host = assoc.requestor.address
+    if ctx.settings.ae.require_known_peers:
+        peer = ctx.settings.peer(calling)
+        if peer is None or not _same_host(peer.host, host):
+            why = "unknown calling AE title" if peer is None else f"host {host} is not {peer.host}"
+            log.warning("rejected association from %s@%s: %s (add it to [[peers]] in ae.toml)", calling, host, why)
+            ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            return
+    called = assoc.requestor.primitive.called_ae_title.strip() if assoc.requestor.primitive else ""
+    if ctx.settings.ae.require_called_ae_title and called != ctx.settings.ae.title:
+        log.warning(
+            "rejected association from %s@%s: called AE title %r is not ours (%r)",
+            calling, host, called, ctx.settings.ae.title,
+        )
+        ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
+        assoc.acse.send_reject(0x01, 0x01, 0x07)
+
+
+def _same_host(configured: str, actual: str) -> bool:
+    if configured == actual:
+        return True
+    try:
+        return actual in {info[4][0] for info in socket.getaddrinfo(configured, None)}
+    except OSError:
+        return False
+
+
+def handle_established(event: Event, ctx: NodeContext) -> None:
+    peer = ctx.peer_of(event)
+    ctx.archive.metrics.inc("dicomnode_associations_total", outcome="accepted")
+    log.info("association from %s@%s accepted", peer.calling_ae, peer.address)
+
+
+def handle_closed(event: Event, ctx: NodeContext) -> None:
+    """Released or aborted: log what the peer did."""
+    peer = ctx.associations.pop(id(event.assoc), None)
+    if peer is None:
+        return
+    how = "aborted" if event.event is evt.EVT_ABORTED else "released"
+    ops = ", ".join(f"{name} x{count}" for name, count in sorted(peer.operations.items())) or "nothing"
+    fails = ", ".join(f"{name} x{count}" for name, count in sorted(peer.failures.items()))
+    log.info(
+        "association from %s@%s %s: %s%s", peer.calling_ae, peer.address, how, ops,
+        f"; failures: {fails}" if fails else "",
+    )
+
+
+# ---------------------------------------------------------------- services
+
+
+def handle_echo(event: Event, ctx: NodeContext) -> int:
+    ctx.peer_of(event).operations["C-ECHO"] += 1
+    return 0x0000
+
+
+def handle_store(event: Event, ctx: NodeContext) -> int:
+    peer = ctx.peer_of(event)
+    peer.operations["C-STORE"] += 1
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        # The file meta pynetdicom prepends carries the command's SOP Class and Instance
+        # UIDs; the archive refuses a dataset that disagrees with them.
+        ctx.archive.store_bytes(data, ctx.source(event))
+    except ArchiveError as exc:
+        status = status_for(exc, STORE_STATUS)
+        peer.failures[f"C-STORE 0x{status:04X}"] += 1
+        ctx.archive.metrics.inc("dicomnode_dimse_requests_total", service="C-STORE", status=f"0x{status:04X}")
+        log.warning("C-STORE from %s@%s refused (0x%04X): %s", peer.calling_ae, peer.address, status, exc.message)
+        return status
+    ctx.archive.metrics.inc("dicomnode_dimse_requests_total", service="C-STORE", status="0x0000")
+    return 0x0000
+
+
+def handle_find(event: Event, ctx: NodeContext) -> Iterator[tuple[int, Dataset | None]]:
+    peer = ctx.peer_of(event)
+    peer.operations["C-FIND"] += 1
+    root = "PATIENT" if event.request.AffectedSOPClassUID == PATIENT_ROOT_FIND else "STUDY"
+    try:
+        identifier = event.identifier
+        level, keys = identifier_keys(identifier)
+        query = Query(level, keys, root=root, organizations=(peer.organization,))
+        matches = ctx.archive.find(query, is_cancelled=lambda: event.is_cancelled)
+        count = 0
+        for values in matches:
+            yield 0xFF00, response_dataset(values, level, identifier, ctx.settings.ae.title)
+            count += 1
+        if event.is_cancelled:
+            log.info("C-FIND from %s@%s cancelled after %d match(es)", peer.calling_ae, peer.address, count)
+            yield 0xFE00, None
+            return
+        log.info("C-FIND %s level from %s@%s: %d match(es)", level, peer.calling_ae, peer.address, count)
+    except ArchiveError as exc:
+        status = status_for(exc, FIND_STATUS)
+        peer.failures[f"C-FIND 0x{status:04X}"] += 1
+        log.warning("C-FIND from %s@%s failed (0x%04X): %s", peer.calling_ae, peer.address, status, exc.message)
+        yield status, None
+        return
+    yield 0x0000, None
+
+
+def _retrieve_set(event: Event, ctx: NodeContext, root_uid: str) -> list:
+    identifier = event.identifier
+    level, keys = identifier_keys(identifier)
+    root = "PATIENT" if event.request.AffectedSOPClassUID == root_uid else "STUDY"
+    return ctx.archive.retrieve(level, keys, root=root, organizations=(ctx.peer_of(event).organization,))
+
+
+def handle_move(event: Event, ctx: NodeContext) -> Iterator[Any]:
+    peer = ctx.peer_of(event)
+    peer.operations["C-MOVE"] += 1
+    destination = event.move_destination
+    destination = (destination.decode() if isinstance(destination, bytes) else str(destination)).strip()
+    target = ctx.settings.peer(destination)
+    if target is None:
+        log.warning(
+            "C-MOVE from %s@%s to unknown destination %r refused (0xA801): add it to [[peers]] in ae.toml",
+            peer.calling_ae, peer.address, destination,
+        )
+        peer.failures["C-MOVE 0xA801"] += 1
+        yield None, None
+        return
+    try:
+        instances = _retrieve_set(event, ctx, PATIENT_ROOT_MOVE)
+    except ArchiveError as exc:
+        status = status_for(exc, RETRIEVE_STATUS)
+        peer.failures[f"C-MOVE 0x{status:04X}"] += 1
+        yield target.host, target.port
+        yield status, None
+        return
+    contexts = storage_contexts(instances)
+    yield target.host, target.port, {
+        "contexts": contexts,
+        "evt_handlers": [(evt.EVT_CONN_OPEN, handle_conn_open)],
+    }
+    log.info(
+        "C-MOVE from %s@%s: %d instance(s) to %s (%s:%d)", peer.calling_ae, peer.address,
+        len(instances), destination, target.host, target.port,
+    )
+    yield len(instances)
+    yield from _send_each(event, ctx, instances)
+
+
+def handle_get(event: Event, ctx: NodeContext) -> Iterator[Any]:
+    peer = ctx.peer_of(event)
+    peer.operations["C-GET"] += 1
+    try:
+        instances = _retrieve_set(event, ctx, PATIENT_ROOT_GET)
+    except ArchiveError as exc:
+        status = status_for(exc, RETRIEVE_STATUS)
+        peer.failures[f"C-GET 0x{status:04X}"] += 1
+        yield 0
+        yield status, None
+        return
+    log.info("C-GET from %s@%s: %d instance(s)", peer.calling_ae, peer.address, len(instances))
+    yield len(instances)
+    yield from _send_each(event, ctx, instances)
+
+
+def _send_each(event: Event, ctx: NodeContext, instances: list) -> Iterator[tuple[int, Dataset | None]]:
+    for stored in instances:
+        if event.is_cancelled:
+            yield 0xFE00, None
+            return
+        try:
+            ds = ctx.archive.read_dataset(stored)
+        except (ArchiveError, OSError, pydicom.errors.InvalidDicomError) as exc:
+            log.error("cannot read stored instance %s: %s", stored.sop_instance_uid, exc)
+            # pynetdicom counts a non-Dataset as a failed sub-operation
+            yield 0xFF00, None  # type: ignore[misc]
+            continue
+        yield 0xFF00, ds
+
+
+def storage_contexts(instances: list) -> list:
+    """Presentation contexts to offer a move destination: each SOP class with its
+    stored transfer syntax, plus the uncompressed ones pydicom can convert to."""
+    wanted: dict[str, list[str]] = {}
+    for stored in instances:
+        syntaxes = wanted.setdefault(stored.sop_class_uid, [])
+        ts = stored.transfer_syntax_uid
+        for candidate in (ts, *UNCOMPRESSED) if pydicom.uid.UID(ts).is_compressed is False else (ts,):
+            if candidate not in syntaxes:
+                syntaxes.append(candidate)
+    contexts = []
+    for sop_class, syntaxes in wanted.items():
+        uncompressed = [s for s in syntaxes if not pydicom.uid.UID(s).is_compressed]
+        compressed = [s for s in syntaxes if pydicom.uid.UID(s).is_compressed]
+        if uncompressed:
+            contexts.append(build_context(sop_class, uncompressed))
+        for ts in compressed:
+            contexts.append(build_context(sop_class, [ts]))
+    if len(contexts) > MAX_CONTEXTS:
+        log.warning("C-MOVE needs %d presentation contexts; offering the first %d", len(contexts), MAX_CONTEXTS)
+        contexts = contexts[:MAX_CONTEXTS]
+    return contexts
+
+
+__all__ = [
+    "NodeContext", "UNIQUE_KEY", "handle_conn_open", "handle_requested", "handle_established",
+    "handle_closed", "handle_echo", "handle_store", "handle_find", "handle_move", "handle_get",
+]

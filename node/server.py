@@ -1,0 +1,113 @@
+"""The DIMSE side: a pynetdicom AE bound to the archive."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from config import Settings
+from storage import Archive
+
+from . import handlers as h
+
+log = logging.getLogger("dicomnode.node")
+
+QUERY_RETRIEVE = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+
+class DicomNode:
+    """Owns the AE and its listening server; ``start`` returns once it accepts."""
+
+    def __init__(self, settings: Settings, archive: Archive) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.context = h.NodeContext(settings, archive)
+        self.ae = build_ae(settings)
+        self.server: ThreadedAssociationServer | None = None
+        archive.metrics.gauge("dicomnode_associations_active", lambda: len(self.active_associations()))
+
+    @property
+    def port(self) -> int:
+        if self.server is None:
+            return self.settings.ae.port
+        return self.server.server_address[1]
+
+    def handlers(self) -> list[tuple[Any, ...]]:
+        c = [self.context]
+        return [
+            (evt.EVT_CONN_OPEN, h.handle_conn_open),
+            (evt.EVT_REQUESTED, h.handle_requested, c),
+            (evt.EVT_ESTABLISHED, h.handle_established, c),
+            (evt.EVT_RELEASED, h.handle_closed, c),
+            (evt.EVT_ABORTED, h.handle_closed, c),
+            (evt.EVT_C_ECHO, h.handle_echo, c),
+            (evt.EVT_C_STORE, h.handle_store, c),
+            (evt.EVT_C_FIND, h.handle_find, c),
+            (evt.EVT_C_MOVE, h.handle_move, c),
+            (evt.EVT_C_GET, h.handle_get, c),
+        ]
+
+    def start(self) -> None:
+        ae = self.settings.ae
+        self.server = self.ae.start_server(
+            (ae.host, ae.port), block=False, evt_handlers=self.handlers(), ae_title=ae.title
+        )
+        log.info("DIMSE node %s listening on %s:%d", ae.title, ae.host, self.port)
+
+    def active_associations(self) -> list:
+        return self.server.active_associations if self.server else []
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting, let associations in flight finish (up to ``grace_s``), then
+        abort what is left."""
+        if self.server is None:
+            return
+        server, self.server = self.server, None
+        server.shutdown()
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            active = server.active_associations
+            if not active:
+                break
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            log.warning("aborting association with %s still open at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+        log.info("DIMSE node stopped")
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae.title)
+    ae.maximum_associations = settings.ae.max_associations
+    ae.maximum_pdu_size = settings.ae.max_pdu_size
+    ae.acse_timeout = settings.ae.acse_timeout_s
+    ae.dimse_timeout = settings.ae.dimse_timeout_s
+    ae.network_timeout = settings.ae.network_timeout_s
+    # called-AE-title checks are done (and logged) by handle_requested
+    ae.require_called_aet = False
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for cx in AllStoragePresentationContexts:
+        # scp_role/scu_role: accept the SCP role for C-GET sub-operations
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    for sop_class in QUERY_RETRIEVE:
+        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    return ae

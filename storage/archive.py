@@ -1,0 +1,513 @@
+"""The archive service: the only code that writes instances and the index.
+
+Every way in (C-STORE, STOW-RS, vendor uploads, the inbox, ``dicomnode import``) calls
+:meth:`Archive.store_bytes`, :meth:`Archive.store_stream` or :meth:`Archive.store_file`,
+which all end in :meth:`Archive._ingest`: parse once, validate, write the file atomically
+(temp file, fsync, rename), index it, fire ``instance stored``. When one of them returns,
+the instance is on disk and in the index.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AllStoragePresentationContexts
+
+from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, normalize_date, normalize_time
+from .blobs import BlobStore, FileBlobStore
+from .errors import InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass
+from .events import EventBus, InstanceStored, StudyStable
+from .metrics import Metrics
+from .query import Query, compile_query, row_to_values
+from .sqlite_index import InstanceRecord, SQLiteIndex, StoredInstance
+from .uids import generate_uid, require_uid
+
+log = logging.getLogger("dicomnode.archive")
+
+STORAGE_SOP_CLASSES: frozenset[str] = frozenset(cx.abstract_syntax for cx in AllStoragePresentationContexts)
+_COPY_CHUNK = 1 << 20
+_DEFER_SIZE = 4096  # values larger than this are skipped, not loaded, while indexing
+
+
+@dataclass(frozen=True)
+class Source:
+    """Who handed the archive an instance: the calling AE over DIMSE, an HTTP client,
+    the inbox or the import command; and the organization it stores for."""
+
+    kind: str  # dimse, http, inbox, import
+    name: str = ""
+    address: str = ""
+    organization: str = "local"
+
+    def __str__(self) -> str:
+        where = f"@{self.address}" if self.address else ""
+        return f"{self.kind}:{self.name}{where}"
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    size: int
+    replaced: bool
+    organization: str
+
+
+class Archive:
+    """Blob store + index + events. Thread-safe; synchronous by design (pynetdicom runs
+    handlers on association threads; aiohttp views call it through a thread pool)."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        uid_root: str = "2.25",
+        stable_after_s: float = 300.0,
+        index: SQLiteIndex | None = None,
+        blobs: BlobStore | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uid_root = uid_root
+        self.stable_after_s = stable_after_s
+        self.blobs: BlobStore = blobs or FileBlobStore(self.root / "blobs")
+        self.index = index or SQLiteIndex(self.root / "index.sqlite")
+        self.events = EventBus()
+        self.metrics = metrics or Metrics()
+        self._key_locks = [threading.Lock() for _ in range(64)]
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self.repair()
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+        self.index.close()
+
+    def start_stability_monitor(self, interval_s: float | None = None) -> None:
+        """Emit ``study stable`` for studies with no new instance for ``stable_after_s``."""
+        if self._monitor is not None:
+            return
+        interval = interval_s or max(0.2, min(30.0, self.stable_after_s / 5))
+
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.check_stable_studies()
+                except Exception:  # keep monitoring; the next pass retries
+                    log.exception("study stability check failed")
+
+        self._monitor = threading.Thread(target=run, name="study-stability", daemon=True)
+        self._monitor.start()
+
+    def check_stable_studies(self, now: float | None = None) -> list[str]:
+        limit = (now or time.time()) - self.stable_after_s
+        stable = []
+        for study_uid in self.index.studies_to_stabilize(limit):
+            if self.index.mark_stable(study_uid, limit):
+                stable.append(study_uid)
+                self.events.emit(StudyStable(study_uid=study_uid))
+        return stable
+
+    def repair(self) -> dict[str, int]:
+        """Finish or undo what a crash left half done: temp files, blobs being stored
+        when the process died, blobs whose deletion was not completed."""
+        report = {"temp_removed": 0, "reindexed": 0, "dropped": 0, "deleted": 0}
+        if isinstance(self.blobs, FileBlobStore):
+            report["temp_removed"] = self.blobs.clear_temp()
+        done = []
+        for pk, key, action in self.index.journal_entries():
+            if action == "delete":
+                if self.index.instance_by_blob(key) is None:
+                    self.blobs.delete(key)
+                    report["deleted"] += 1
+            elif self.blobs.exists(key):
+                # The file reached its place; make the index describe exactly that file.
+                try:
+                    with self.blobs.open(key) as fh:
+                        ds, tsuid = _parse(fh, os.fstat(fh.fileno()).st_size)
+                    record = self._record(ds, tsuid, key, self._size(key), Source("repair"), time.time(),
+                                          self.index.study_organization(str(ds.StudyInstanceUID)) or "local")
+                    self.index.upsert_instance(record)
+                    report["reindexed"] += 1
+                except Exception as exc:
+                    log.warning("repair: dropping unreadable blob %s: %s", key, exc)
+                    self.blobs.delete(key)
+                    report["dropped"] += 1
+            done.append(pk)
+        self.index.journal_remove(done)
+        if any(report.values()):
+            log.info("archive repair: %s", report)
+        return report
+
+    def _size(self, key: str) -> int:
+        path = self.blobs.local_path(key)
+        return path.stat().st_size if path else 0
+
+    # ------------------------------------------------------------------ ingest
+    def store_bytes(self, data: bytes, source: Source, expected_study: str | None = None) -> StoreResult:
+        """Store one encoded instance (a Part-10 file, or a bare dataset)."""
+        return self.store_stream(io.BytesIO(data), source, expected_study)
+
+    def store_stream(self, stream: BinaryIO, source: Source, expected_study: str | None = None) -> StoreResult:
+        """Store one instance read from ``stream`` in chunks (memory stays flat)."""
+        fh, temp = self.blobs.new_temp()
+        try:
+            with fh:
+                shutil.copyfileobj(stream, fh, _COPY_CHUNK)
+        except BaseException:
+            self.blobs.discard_temp(temp)
+            raise
+        return self.store_temp(temp, source, expected_study)
+
+    def store_file(self, path: Path, source: Source, expected_study: str | None = None) -> StoreResult:
+        """Store a copy of the file at ``path`` (the original is left alone)."""
+        with open(path, "rb") as fh:
+            return self.store_stream(fh, source, expected_study)
+
+    def new_temp(self) -> tuple[BinaryIO, Path]:
+        """A temp file inside the archive that a caller fills and hands to ``store_temp``."""
+        return self.blobs.new_temp()
+
+    def discard_temp(self, temp: Path) -> None:
+        self.blobs.discard_temp(temp)
+
+    def store_temp(self, temp: Path, source: Source, expected_study: str | None = None) -> StoreResult:
+        """The one ingest path. Takes ownership of ``temp`` (a file from :meth:`new_temp`)."""
+        try:
+            result = self._ingest(temp, source, expected_study)
+        except InvalidInstance as exc:
+            self.metrics.inc("dicomnode_ingest_failures_total", reason=type(exc).__name__)
+            raise
+        except StorageFailure:
+            self.metrics.inc("dicomnode_ingest_failures_total", reason="StorageFailure")
+            raise
+        finally:
+            self.blobs.discard_temp(temp)  # no-op once committed
+        self.metrics.inc("dicomnode_instances_stored_total", source=source.kind)
+        self.metrics.inc("dicomnode_bytes_stored_total", result.size, source=source.kind)
+        return result
+
+    def _ingest(self, temp: Path, source: Source, expected_study: str | None) -> StoreResult:
+        size = temp.stat().st_size
+        with open(temp, "rb") as fh:
+            ds, tsuid = _parse(fh, size)
+        if not getattr(ds, "_dicomnode_has_meta", True):
+            temp, size = _add_file_meta(temp, ds, tsuid, self.blobs)
+            try:
+                return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study)
+            finally:
+                self.blobs.discard_temp(temp)
+        return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study)
+
+    def _ingest_parsed(
+        self, temp: Path, size: int, ds: Dataset, tsuid: str, source: Source, expected_study: str | None
+    ) -> StoreResult:
+        sop_class = require_uid(ds.get("SOPClassUID"), "SOPClassUID")
+        sop_uid = require_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        study_uid = require_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = require_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        meta_uid = ds.file_meta.get("MediaStorageSOPInstanceUID")
+        if meta_uid is not None and str(meta_uid).rstrip("\x00 ") != sop_uid:
+            raise InvalidInstance(
+                f"file meta MediaStorageSOPInstanceUID {meta_uid} does not match SOPInstanceUID {sop_uid}"
+            )
+        meta_class = ds.file_meta.get("MediaStorageSOPClassUID")
+        if meta_class is not None and str(meta_class).rstrip("\x00 ") != sop_class:
+            raise InvalidInstance(
+                f"file meta MediaStorageSOPClassUID {meta_class} does not match SOPClassUID {sop_class}"
+            )
+        if sop_class not in STORAGE_SOP_CLASSES:
+            raise UnsupportedSOPClass(f"SOP class {sop_class} is not a storage SOP class this node accepts")
+        if expected_study is not None and expected_study != study_uid:
+            raise StudyMismatch(
+                f"instance {sop_uid} belongs to study {study_uid}, not {expected_study}",
+                study_uid=study_uid,
+            )
+        key = f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+        record = self._record(ds, tsuid, key, size, source, time.time(), source.organization)
+        lock = self._key_locks[zlib.crc32(sop_uid.encode()) % len(self._key_locks)]
+        with lock:
+            journal_pk = self.index.journal_add(key, "store")
+            try:
+                self.blobs.commit(temp, key)
+                outcome = self.index.upsert_instance(record, journal_pk)
+            except BaseException:
+                # Not acknowledged: put things back as they were (repair does the same
+                # after a crash). A replaced file cannot be restored, so re-index it.
+                self.repair_entry(journal_pk, key)
+                raise
+        if outcome.obsolete_blob:
+            self.blobs.delete(outcome.obsolete_blob)
+        result = StoreResult(
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_uid,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            transfer_syntax_uid=tsuid,
+            size=size,
+            replaced=outcome.replaced,
+            organization=source.organization,
+        )
+        log.info(
+            "stored %s %s (study %s) from %s%s", _sop_name(sop_class), sop_uid, study_uid, source,
+            " (replaced)" if outcome.replaced else "",
+        )
+        self.events.emit(InstanceStored(result=result, source=source, new_study=outcome.new_study))
+        return result
+
+    def repair_entry(self, journal_pk: int, key: str) -> None:
+        """Undo one interrupted store: drop the blob unless a row describes it."""
+        try:
+            if self.index.instance_by_blob(key) is None:
+                self.blobs.delete(key)
+            self.index.journal_remove([journal_pk])
+        except Exception:
+            log.exception("could not undo interrupted store of %s; repair will on next start", key)
+
+    def _record(
+        self, ds: Dataset, tsuid: str, key: str, size: int, source: Source, now: float, org: str
+    ) -> InstanceRecord:
+        levels = {}
+        for level in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
+            values = {}
+            for attr in COLUMNS_BY_LEVEL[level]:
+                values[attr.column] = _column_value(ds, attr.keyword, attr.kind)
+            levels[level] = values
+        return InstanceRecord(
+            patient=levels["PATIENT"],
+            study=levels["STUDY"],
+            series=levels["SERIES"],
+            instance=levels["IMAGE"],
+            organization=org,
+            transfer_syntax_uid=tsuid,
+            blob_key=key,
+            size=size,
+            source=str(source),
+            received_at=now,
+        )
+
+    # ------------------------------------------------------------------ query
+    def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[dict[str, Any]]:
+        """Matches of ``query`` as ``{keyword: value}`` dicts, streamed from the index.
+
+        Requested attributes the index does not hold are read from the stored file at
+        the IMAGE level and returned empty above it."""
+        compiled = compile_query(query)
+        needs_file = query.level == "IMAGE" and bool(compiled.extra_keys)
+        for row in self.index.query(compiled):
+            if is_cancelled():
+                return
+            values = row_to_values(compiled, row)
+            if needs_file:
+                values.update(self._file_values(values["SOPInstanceUID"], compiled.extra_keys))
+            else:
+                for keyword in compiled.extra_keys:
+                    values.setdefault(keyword, None)
+            yield values
+
+    def _file_values(self, sop_uid: str, keywords: tuple[str, ...]) -> dict[str, Any]:
+        found = self.index.instances(sop_instance_uids=(sop_uid,))
+        out: dict[str, Any] = {k: None for k in keywords}
+        if not found:
+            return out
+        try:
+            with self.blobs.open(found[0].blob_key) as fh:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=_DEFER_SIZE)
+        except (OSError, InvalidDicomError):
+            return out
+        for keyword in keywords:
+            if keyword in ds:
+                out[keyword] = ds[keyword]
+        return out
+
+    def instances(
+        self,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        sop_instance_uids: tuple[str, ...] | None = None,
+        organizations: tuple[str, ...] | None = None,
+    ) -> list[StoredInstance]:
+        """The stored instances of a study, series or list of instances (for retrieval)."""
+        return self.index.instances(study_uid, series_uid, sop_instance_uids, organizations)
+
+    def retrieve(
+        self,
+        level: str,
+        keys: dict[str, str],
+        root: str = "STUDY",
+        organizations: tuple[str, ...] | None = None,
+    ) -> list[StoredInstance]:
+        """The instances a C-MOVE or C-GET identifier addresses. The unique key of the
+        retrieve level must be given (PS3.4 C.4.2.1.4); lists of UIDs are allowed."""
+        unique = UNIQUE_KEY.get(level)
+        if unique is None:
+            raise InvalidQuery(f"unknown retrieve level {level!r}")
+        if not str(keys.get(unique) or "").strip():
+            raise InvalidQuery(f"a {level} level retrieve needs {unique}")
+        wanted = {
+            k: keys[k]
+            for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+            if str(keys.get(k) or "").strip() and LEVEL_RANK[BY_KEYWORD[k].level] <= LEVEL_RANK[level]
+        }
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            if k in wanted:
+                for uid in str(wanted[k]).split("\\"):
+                    if uid.strip():
+                        require_uid(uid.strip(), k)
+        query = Query("IMAGE", {**wanted, "SOPInstanceUID": wanted.get("SOPInstanceUID", "")}, root, organizations)
+        sop_uids = [values["SOPInstanceUID"] for values in self.find(query)]
+        found: list[StoredInstance] = []
+        for start in range(0, len(sop_uids), 500):
+            found.extend(self.index.instances(sop_instance_uids=tuple(sop_uids[start:start + 500])))
+        return found
+
+    def instance(self, study_uid: str, series_uid: str | None, sop_uid: str,
+                 organizations: tuple[str, ...] | None = None) -> StoredInstance:
+        found = self.index.instances(study_uid, series_uid, (sop_uid,), organizations)
+        if not found:
+            raise NotFound(f"instance {sop_uid} not found")
+        return found[0]
+
+    def open_instance(self, stored: StoredInstance) -> BinaryIO:
+        try:
+            return self.blobs.open(stored.blob_key)
+        except FileNotFoundError as exc:
+            raise NotFound(f"the file of instance {stored.sop_instance_uid} is missing") from exc
+
+    def instance_path(self, stored: StoredInstance) -> Path | None:
+        return self.blobs.local_path(stored.blob_key)
+
+    def read_dataset(self, stored: StoredInstance, stop_before_pixels: bool = False) -> Dataset:
+        with self.open_instance(stored) as fh:
+            return pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels)
+
+    # ------------------------------------------------------------------ delete
+    def delete(
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        organizations: tuple[str, ...] | None = None,
+    ) -> int:
+        """Delete a study, series or instance: rows first (journalled), then files."""
+        keys, journal = self.index.delete(study_uid, series_uid, sop_instance_uid, organizations)
+        for key in keys:
+            self.blobs.delete(key)
+        self.index.journal_remove(journal)
+        log.info("deleted %d instance(s) of study %s", len(keys), study_uid)
+        return len(keys)
+
+    # ------------------------------------------------------------------ misc
+    def generate_uid(self) -> str:
+        return generate_uid(self.uid_root)
+
+    def counts(self) -> dict[str, int]:
+        return self.index.counts()
+
+
+# ---------------------------------------------------------------------- parsing helpers
+
+
+def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
+    """Parse an instance once, without loading large values; check it is complete.
+
+    Returns the dataset and its transfer syntax. A dataset without file meta gets
+    ``_dicomnode_has_meta = False`` so that the caller adds the meta information."""
+    has_meta = True
+    try:
+        ds = pydicom.dcmread(fh, defer_size=_DEFER_SIZE)
+    except InvalidDicomError:
+        fh.seek(0)
+        has_meta = False
+        try:
+            ds = pydicom.dcmread(fh, defer_size=_DEFER_SIZE, force=True)
+        except Exception as exc:
+            raise NotDicom(f"not a DICOM file: {exc}") from exc
+    except Exception as exc:
+        raise NotDicom(f"not a DICOM file: {exc}") from exc
+    if fh.tell() > size:
+        raise InvalidInstance(f"the dataset is truncated: it declares {fh.tell()} bytes but has {size}")
+    tsuid = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
+    if has_meta and tsuid is None:
+        has_meta = False
+    if not has_meta:
+        if "SOPInstanceUID" not in ds and "SOPClassUID" not in ds:
+            raise NotDicom("not a DICOM file: no DICM prefix and no SOP Class/Instance UID")
+        implicit, little = ds.original_encoding
+        if implicit is None:
+            raise NotDicom("not a DICOM file: the encoding could not be determined")
+        tsuid = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if implicit
+            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+        )
+        ds._dicomnode_has_meta = False  # type: ignore[attr-defined]
+    try:
+        # touch the attributes the index needs, so a malformed value fails here
+        for level in COLUMNS_BY_LEVEL.values():
+            for attr in level:
+                ds.get(attr.keyword)
+    except Exception as exc:
+        raise InvalidInstance(f"malformed attribute: {exc}") from exc
+    return ds, str(tsuid)
+
+
+def _add_file_meta(temp: Path, ds: Dataset, tsuid: str, blobs: BlobStore) -> tuple[Path, int]:
+    """Prefix a bare dataset with preamble and file meta; the dataset bytes are kept."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+    meta.TransferSyntaxUID = tsuid
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    fh, new_temp = blobs.new_temp()
+    with fh, open(temp, "rb") as src:
+        fh.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fh, meta, enforce_standard=True)
+        shutil.copyfileobj(src, fh, _COPY_CHUNK)
+        size = fh.tell()
+    blobs.discard_temp(temp)
+    return new_temp, size
+
+
+def _column_value(ds: Dataset, keyword: str, kind: str) -> Any:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None if kind == "int" else ""
+    if kind == "int":
+        try:
+            return int(value[0] if isinstance(value, (list, pydicom.multival.MultiValue)) else value)
+        except (TypeError, ValueError):
+            return None
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = "\\".join(str(v) for v in value)
+    text = str(value).rstrip("\x00 ")
+    if kind == "date":
+        return normalize_date(text)
+    if kind == "time":
+        return normalize_time(text)
+    return text
+
+
+def _sop_name(uid: str) -> str:
+    name = pydicom.uid.UID(uid).name
+    return name if name and name != uid else "instance"

@@ -1,0 +1,55 @@
+"""The archive's small exception hierarchy.
+
+`node/` maps these to DIMSE statuses and `dicomweb/` to HTTP statuses, each in one table;
+handlers never invent their own.
+"""
+from __future__ import annotations
+
+
+class ArchiveError(Exception):
+    """Base of every error the archive reports to a caller."""
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidInstance(ArchiveError):
+    """The instance is DICOM but cannot be stored as it is (bad or missing attribute)."""
+
+
+class NotDicom(InvalidInstance):
+    """The input cannot be parsed as DICOM at all."""
+
+
+class InvalidUID(InvalidInstance):
+    """A UID is malformed (and could, for instance, escape the archive as a path)."""
+
+
+class UnsupportedSOPClass(InvalidInstance):
+    """The SOP class is not a storage SOP class this node accepts."""
+
+
+class StudyMismatch(InvalidInstance):
+    """The instance belongs to another study than the one the request addressed."""
+
+
+class InvalidQuery(ArchiveError):
+    """A query (C-FIND identifier or QIDO parameters) is malformed."""
+
+
+class NotFound(ArchiveError):
+    """The addressed study, series, instance or object does not exist (for this caller)."""
+
+
+class Conflict(ArchiveError):
+    """The request conflicts with what is stored."""
+
+
+class TooLarge(ArchiveError):
+    """The input exceeds a configured limit."""
+
+
+class StorageFailure(ArchiveError):
+    """The archive could not complete a write (disk full, I/O error); nothing was kept."""

@@ -1,0 +1,592 @@
+"""The embedded index: SQLite (WAL) through sqlite-utils, one writer thread.
+
+All writes go through :class:`SQLiteIndex.write`, which hands a function to the single
+writer thread. The writer groups whatever jobs are waiting into one transaction (one
+fsync for many instances under load), isolating each job in a SAVEPOINT so that one
+failed job never takes the others down. Reads use one connection per thread.
+
+The schema changes only through the migrations at the bottom of this module.
+"""
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from .attributes import COLUMNS_BY_LEVEL, FOLDED
+from .errors import Conflict, NotFound, StorageFailure
+from .query import CompiledQuery
+
+T = TypeVar("T")
+
+migrations = Migrations("dicomnode.index")
+
+
+@migrations()
+def m001_hierarchy(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE patients (
+            pk INTEGER PRIMARY KEY,
+            org TEXT NOT NULL,
+            patient_id TEXT NOT NULL DEFAULT '',
+            issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+            patient_name TEXT NOT NULL DEFAULT '',
+            patient_name_fold TEXT NOT NULL DEFAULT '',
+            patient_birth_date TEXT NOT NULL DEFAULT '',
+            patient_sex TEXT NOT NULL DEFAULT '',
+            UNIQUE (org, patient_id, issuer_of_patient_id)
+        );
+        CREATE INDEX patients_name ON patients (patient_name_fold);
+        CREATE INDEX patients_id ON patients (patient_id);
+
+        CREATE TABLE studies (
+            pk INTEGER PRIMARY KEY,
+            study_uid TEXT NOT NULL UNIQUE,
+            patient_pk INTEGER NOT NULL REFERENCES patients (pk),
+            org TEXT NOT NULL,
+            study_date TEXT NOT NULL DEFAULT '',
+            study_time TEXT NOT NULL DEFAULT '',
+            accession_number TEXT NOT NULL DEFAULT '',
+            study_id TEXT NOT NULL DEFAULT '',
+            study_description TEXT NOT NULL DEFAULT '',
+            referring_physician_name TEXT NOT NULL DEFAULT '',
+            referring_physician_name_fold TEXT NOT NULL DEFAULT '',
+            num_series INTEGER NOT NULL DEFAULT 0,
+            num_instances INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            stable INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX studies_patient ON studies (patient_pk);
+        CREATE INDEX studies_date ON studies (study_date);
+        CREATE INDEX studies_accession ON studies (accession_number);
+        CREATE INDEX studies_org ON studies (org);
+        CREATE INDEX studies_unstable ON studies (stable, updated_at);
+
+        CREATE TABLE series (
+            pk INTEGER PRIMARY KEY,
+            series_uid TEXT NOT NULL UNIQUE,
+            study_pk INTEGER NOT NULL REFERENCES studies (pk),
+            modality TEXT NOT NULL DEFAULT '',
+            series_number INTEGER,
+            series_description TEXT NOT NULL DEFAULT '',
+            series_date TEXT NOT NULL DEFAULT '',
+            series_time TEXT NOT NULL DEFAULT '',
+            body_part_examined TEXT NOT NULL DEFAULT '',
+            performed_procedure_step_start_date TEXT NOT NULL DEFAULT '',
+            performed_procedure_step_start_time TEXT NOT NULL DEFAULT '',
+            station_name TEXT NOT NULL DEFAULT '',
+            num_instances INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX series_study ON series (study_pk);
+        CREATE INDEX series_modality ON series (modality);
+
+        CREATE TABLE instances (
+            pk INTEGER PRIMARY KEY,
+            sop_instance_uid TEXT NOT NULL UNIQUE,
+            series_pk INTEGER NOT NULL REFERENCES series (pk),
+            sop_class_uid TEXT NOT NULL,
+            instance_number INTEGER,
+            rows INTEGER,
+            columns INTEGER,
+            bits_allocated INTEGER,
+            number_of_frames INTEGER,
+            content_date TEXT NOT NULL DEFAULT '',
+            content_time TEXT NOT NULL DEFAULT '',
+            acquisition_number INTEGER,
+            transfer_syntax_uid TEXT NOT NULL,
+            blob_key TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            received_at REAL NOT NULL,
+            source TEXT NOT NULL DEFAULT '',
+            org TEXT NOT NULL
+        );
+        CREATE INDEX instances_series ON instances (series_pk);
+        CREATE INDEX instances_blob ON instances (blob_key);
+
+        -- Blobs in flight: 'store' = a file is being put at blob_key (committed before
+        -- the rename), 'delete' = a file to remove once its rows are gone.
+        CREATE TABLE journal (
+            pk INTEGER PRIMARY KEY,
+            blob_key TEXT NOT NULL,
+            action TEXT NOT NULL CHECK (action IN ('store', 'delete')),
+            created_at REAL NOT NULL
+        );
+        """
+    )
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps of one instance, level by level (column -> value)."""
+
+    patient: dict[str, Any]
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+    organization: str
+    transfer_syntax_uid: str
+    blob_key: str
+    size: int
+    source: str
+    received_at: float
+
+    @property
+    def study_uid(self) -> str:
+        return self.study["study_uid"]
+
+    @property
+    def series_uid(self) -> str:
+        return self.series["series_uid"]
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.instance["sop_instance_uid"]
+
+
+@dataclass(frozen=True)
+class UpsertOutcome:
+    replaced: bool
+    new_study: bool
+    obsolete_blob: str | None  # a blob no row points at any more (deleted after commit)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Where an indexed instance lives, for retrieval."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    size: int
+    organization: str
+    number_of_frames: int | None = None
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class _Writer(threading.Thread):
+    """The one thread that writes to the index, committing jobs in groups."""
+
+    MAX_BATCH = 512
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="index-writer", daemon=True)
+        self.path = path
+        self.jobs: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future] | None] = queue.Queue()
+        self.ready = threading.Event()
+        self.startup_error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            _configure(conn)
+            db = sqlite_utils.Database(conn)
+            migrations.apply(db)
+        except BaseException as exc:  # reported to the opener
+            self.startup_error = exc
+            self.ready.set()
+            return
+        self.ready.set()
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            stop = False
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    more = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._run_batch(conn, batch)
+            if stop:
+                break
+        conn.close()
+
+    @staticmethod
+    def _run_batch(conn: sqlite3.Connection, batch: list) -> None:
+        results: list[tuple[Future, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            for _, fut in batch:
+                fut.set_exception(StorageFailure(f"index unavailable: {exc}"))
+            return
+        for fn, fut in batch:
+            conn.execute("SAVEPOINT job")
+            try:
+                value = fn(conn)
+            except BaseException as exc:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                results.append((fut, None, exc))
+            else:
+                conn.execute("RELEASE job")
+                results.append((fut, value, None))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for fut, _, _ in results:
+                fut.set_exception(StorageFailure(f"index commit failed: {exc}"))
+            return
+        for fut, value, error in results:
+            if error is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(error)
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+
+
+# --------------------------------------------------------------------------- index
+
+
+class SQLiteIndex:
+    """Patient / study / series / instance index plus the blob journal."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = _Writer(self.path)
+        self._writer.start()
+        self._writer.ready.wait()
+        if self._writer.startup_error is not None:
+            raise StorageFailure(f"cannot open the index {self.path}: {self._writer.startup_error}")
+        self._local = threading.local()
+        self._closed = False
+
+    # -- plumbing
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the writer thread inside a transaction; return its result."""
+        if self._closed:
+            raise StorageFailure("the index is closed")
+        fut: Future = Future()
+        self._writer.jobs.put((fn, fut))
+        return fut.result()
+
+    def reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.jobs.put(None)
+        self._writer.join(timeout=30)
+
+    # -- journal
+    def journal_add(self, blob_key: str, action: str) -> int:
+        return self.write(
+            lambda c: c.execute(
+                "INSERT INTO journal (blob_key, action, created_at) VALUES (?, ?, ?)",
+                (blob_key, action, time.time()),
+            ).lastrowid
+        )
+
+    def journal_remove(self, pks: list[int]) -> None:
+        if pks:
+            self.write(lambda c: c.executemany("DELETE FROM journal WHERE pk = ?", [(pk,) for pk in pks]))
+
+    def journal_entries(self) -> list[tuple[int, str, str]]:
+        return self.reader().execute("SELECT pk, blob_key, action FROM journal ORDER BY pk").fetchall()
+
+    # -- ingest
+    def upsert_instance(self, record: InstanceRecord, journal_pk: int | None = None) -> UpsertOutcome:
+        return self.write(lambda c: _upsert(c, record, journal_pk))
+
+    # -- reads
+    def query(self, compiled: CompiledQuery) -> Iterator[tuple]:
+        cursor = self.reader().execute(compiled.sql, compiled.params)
+        try:
+            for row in cursor:
+                yield row[1:]
+        finally:
+            cursor.close()
+
+    def instances(
+        self,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        sop_instance_uids: tuple[str, ...] | None = None,
+        organizations: tuple[str, ...] | None = None,
+    ) -> list[StoredInstance]:
+        where, params = [], []
+        if study_uid:
+            where.append("st.study_uid = ?")
+            params.append(study_uid)
+        if series_uid:
+            where.append("se.series_uid = ?")
+            params.append(series_uid)
+        if sop_instance_uids:
+            where.append(f"i.sop_instance_uid IN ({','.join('?' * len(sop_instance_uids))})")
+            params.extend(sop_instance_uids)
+        if organizations is not None:
+            where.append(f"st.org IN ({','.join('?' * len(organizations))})" if organizations else "0")
+            params.extend(organizations)
+        sql = (
+            "SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid, "
+            "i.transfer_syntax_uid, i.blob_key, i.size, st.org, i.number_of_frames "
+            "FROM instances i JOIN series se ON i.series_pk = se.pk "
+            "JOIN studies st ON se.study_pk = st.pk"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY se.series_number, se.pk, i.instance_number, i.pk"
+        return [StoredInstance(*row) for row in self.reader().execute(sql, params)]
+
+    def instance_by_blob(self, blob_key: str) -> str | None:
+        row = self.reader().execute(
+            "SELECT sop_instance_uid FROM instances WHERE blob_key = ?", (blob_key,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def counts(self) -> dict[str, int]:
+        conn = self.reader()
+        out = {}
+        for table in ("patients", "studies", "series", "instances"):
+            out[table] = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        return out
+
+    def all_blob_keys(self) -> Iterator[tuple[str, str]]:
+        yield from self.reader().execute("SELECT sop_instance_uid, blob_key FROM instances")
+
+    def study_organization(self, study_uid: str) -> str | None:
+        row = self.reader().execute("SELECT org FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        return row[0] if row else None
+
+    # -- study stability
+    def studies_to_stabilize(self, older_than: float) -> list[str]:
+        return [
+            r[0]
+            for r in self.reader().execute(
+                "SELECT study_uid FROM studies WHERE stable = 0 AND updated_at <= ?", (older_than,)
+            )
+        ]
+
+    def mark_stable(self, study_uid: str, older_than: float) -> bool:
+        return self.write(
+            lambda c: c.execute(
+                "UPDATE studies SET stable = 1 WHERE study_uid = ? AND stable = 0 AND updated_at <= ?",
+                (study_uid, older_than),
+            ).rowcount
+            == 1
+        )
+
+    # -- deletion
+    def delete(
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        organizations: tuple[str, ...] | None = None,
+    ) -> tuple[list[str], list[int]]:
+        """Remove the rows of a study, series or instance; returns the blob keys to delete
+        and the journal entries that record them (removed once the files are gone)."""
+        return self.write(lambda c: _delete(c, study_uid, series_uid, sop_instance_uid, organizations))
+
+
+# --------------------------------------------------------------------------- writer jobs
+
+
+def _level_values(values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    for column in FOLDED:
+        if column in out:
+            out[column + "_fold"] = (out[column] or "").casefold()
+    return out
+
+
+def _upsert(conn: sqlite3.Connection, rec: InstanceRecord, journal_pk: int | None) -> UpsertOutcome:
+    now = rec.received_at
+    org = rec.organization
+    # patient
+    patient = _level_values(rec.patient)
+    row = conn.execute(
+        "SELECT pk FROM patients WHERE org = ? AND patient_id = ? AND issuer_of_patient_id = ?",
+        (org, patient.get("patient_id", ""), patient.get("issuer_of_patient_id", "")),
+    ).fetchone()
+    if row:
+        patient_pk = row[0]
+        updates = {k: v for k, v in patient.items() if v not in (None, "") and k not in ("patient_id", "issuer_of_patient_id")}
+        if updates:
+            sets = ", ".join(f"{k} = ?" for k in updates)
+            conn.execute(f"UPDATE patients SET {sets} WHERE pk = ?", (*updates.values(), patient_pk))
+    else:
+        cols = ["org", *patient]
+        patient_pk = conn.execute(
+            f"INSERT INTO patients ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            (org, *patient.values()),
+        ).lastrowid
+    # study
+    study = _level_values(rec.study)
+    row = conn.execute("SELECT pk, org FROM studies WHERE study_uid = ?", (rec.study_uid,)).fetchone()
+    new_study = row is None
+    if row:
+        study_pk, study_org = row
+        if study_org != org:
+            raise Conflict(
+                f"study {rec.study_uid} belongs to another organization",
+                study_uid=rec.study_uid,
+            )
+        updates = {k: v for k, v in study.items() if v not in (None, "") and k != "study_uid"}
+        sets = ", ".join([*(f"{k} = ?" for k in updates), "updated_at = ?", "stable = 0"])
+        conn.execute(f"UPDATE studies SET {sets} WHERE pk = ?", (*updates.values(), now, study_pk))
+    else:
+        cols = ["patient_pk", "org", "created_at", "updated_at", *study]
+        study_pk = conn.execute(
+            f"INSERT INTO studies ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            (patient_pk, org, now, now, *study.values()),
+        ).lastrowid
+    # series
+    series = rec.series
+    row = conn.execute("SELECT pk, study_pk FROM series WHERE series_uid = ?", (rec.series_uid,)).fetchone()
+    if row:
+        series_pk, series_study_pk = row
+        if series_study_pk != study_pk:
+            raise Conflict(
+                f"series {rec.series_uid} is already stored under another study",
+                series_uid=rec.series_uid,
+            )
+        updates = {k: v for k, v in series.items() if v not in (None, "") and k != "series_uid"}
+        if updates:
+            sets = ", ".join(f"{k} = ?" for k in updates)
+            conn.execute(f"UPDATE series SET {sets} WHERE pk = ?", (*updates.values(), series_pk))
+    else:
+        cols = ["study_pk", *series]
+        series_pk = conn.execute(
+            f"INSERT INTO series ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            (study_pk, *series.values()),
+        ).lastrowid
+        conn.execute("UPDATE studies SET num_series = num_series + 1 WHERE pk = ?", (study_pk,))
+    # instance
+    inst = dict(rec.instance)
+    inst.update(
+        series_pk=series_pk,
+        transfer_syntax_uid=rec.transfer_syntax_uid,
+        blob_key=rec.blob_key,
+        size=rec.size,
+        received_at=now,
+        source=rec.source,
+        org=org,
+    )
+    row = conn.execute(
+        "SELECT pk, series_pk, blob_key FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+    ).fetchone()
+    obsolete = None
+    if row:
+        inst_pk, old_series_pk, old_key = row
+        if old_series_pk != series_pk:
+            raise Conflict(
+                f"instance {rec.sop_instance_uid} is already stored under another series",
+                sop_instance_uid=rec.sop_instance_uid,
+            )
+        sets = ", ".join(f"{k} = ?" for k in inst)
+        conn.execute(f"UPDATE instances SET {sets} WHERE pk = ?", (*inst.values(), inst_pk))
+        if old_key != rec.blob_key:
+            obsolete = old_key
+    else:
+        cols = list(inst)
+        conn.execute(
+            f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            tuple(inst.values()),
+        )
+        conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?", (series_pk,))
+        conn.execute("UPDATE studies SET num_instances = num_instances + 1 WHERE pk = ?", (study_pk,))
+    if journal_pk is not None:
+        conn.execute("DELETE FROM journal WHERE pk = ?", (journal_pk,))
+    if obsolete:
+        conn.execute(
+            "INSERT INTO journal (blob_key, action, created_at) VALUES (?, 'delete', ?)", (obsolete, now)
+        )
+    return UpsertOutcome(replaced=row is not None, new_study=new_study, obsolete_blob=obsolete)
+
+
+def _delete(
+    conn: sqlite3.Connection,
+    study_uid: str,
+    series_uid: str | None,
+    sop_instance_uid: str | None,
+    organizations: tuple[str, ...] | None,
+) -> tuple[list[str], list[int]]:
+    row = conn.execute("SELECT pk, patient_pk, org FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+    if row is None or (organizations is not None and row[2] not in organizations):
+        raise NotFound(f"study {study_uid} not found")
+    study_pk, patient_pk, _ = row
+    where, params = ["se.study_pk = ?"], [study_pk]
+    if series_uid:
+        where.append("se.series_uid = ?")
+        params.append(series_uid)
+    if sop_instance_uid:
+        where.append("i.sop_instance_uid = ?")
+        params.append(sop_instance_uid)
+    rows = conn.execute(
+        "SELECT i.pk, i.blob_key, se.pk FROM instances i JOIN series se ON i.series_pk = se.pk WHERE "
+        + " AND ".join(where),
+        params,
+    ).fetchall()
+    if not rows and (series_uid or sop_instance_uid):
+        what = f"instance {sop_instance_uid}" if sop_instance_uid else f"series {series_uid}"
+        raise NotFound(f"{what} not found in study {study_uid}")
+    now = time.time()
+    keys, journal = [], []
+    for inst_pk, key, series_pk in rows:
+        conn.execute("DELETE FROM instances WHERE pk = ?", (inst_pk,))
+        conn.execute("UPDATE series SET num_instances = num_instances - 1 WHERE pk = ?", (series_pk,))
+        conn.execute("UPDATE studies SET num_instances = num_instances - 1 WHERE pk = ?", (study_pk,))
+        keys.append(key)
+        journal.append(
+            conn.execute(
+                "INSERT INTO journal (blob_key, action, created_at) VALUES (?, 'delete', ?)", (key, now)
+            ).lastrowid
+        )
+    emptied = conn.execute(
+        "DELETE FROM series WHERE study_pk = ? AND num_instances <= 0", (study_pk,)
+    ).rowcount
+    if emptied:
+        conn.execute("UPDATE studies SET num_series = num_series - ? WHERE pk = ?", (emptied, study_pk))
+    if conn.execute("DELETE FROM studies WHERE pk = ? AND num_instances <= 0", (study_pk,)).rowcount:
+        conn.execute(
+            "DELETE FROM patients WHERE pk = ? AND NOT EXISTS (SELECT 1 FROM studies WHERE patient_pk = ?)",
+            (patient_pk, patient_pk),
+        )
+    return keys, journal
+
+
+def index_columns(level: str) -> tuple[str, ...]:
+    return tuple(a.column for a in COLUMNS_BY_LEVEL[level] if a.column)
