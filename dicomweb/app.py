@@ -12,6 +12,7 @@ from config import Settings
 from storage import Archive
 
 from . import operations
+from .auth import make_auth_middleware
 from .errors import error_middleware
 from .keys import ARCHIVE, EXECUTOR, SETTINGS
 
@@ -46,8 +47,15 @@ def _family(path: str) -> str:
 
 
 def create_app(settings: Settings, archive: Archive) -> web.Application:
+    # The identity store (issue 4) plugs its Authenticator in here; until then only
+    # public routes answer while [auth] required = true.
+    authenticator = None
     app = web.Application(
-        middlewares=[access_log_middleware, error_middleware],
+        middlewares=[
+            access_log_middleware,
+            error_middleware,
+            make_auth_middleware(settings.auth.required, authenticator),
+        ],
         client_max_size=settings.http.max_request_mb * 1024 * 1024,
     )
     app[SETTINGS] = settings

@@ -5,12 +5,14 @@ import ipaddress
 
 from aiohttp import web
 
+from .auth import public
 from .keys import ARCHIVE, SETTINGS
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/healthz")
+@public
 async def healthz(request: web.Request) -> web.Response:
     """Public liveness probe: the process answers and the index is readable."""
     archive = request.app[ARCHIVE]
@@ -19,6 +21,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
+@public
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format. With ``[auth] required`` it answers loopback scrapers only."""
     if request.app[SETTINGS].auth.required and not _is_loopback(request.remote):

@@ -31,6 +31,7 @@ from .errors import InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFa
 from .events import EventBus, InstanceStored, StudyStable
 from .metrics import Metrics
 from .query import Query, compile_query, row_to_values
+from .schema import MIGRATION_SETS
 from .sqlite_index import InstanceRecord, SQLiteIndex, StoredInstance
 from .uids import generate_uid, require_uid
 
@@ -87,7 +88,7 @@ class Archive:
         self.uid_root = uid_root
         self.stable_after_s = stable_after_s
         self.blobs: BlobStore = blobs or FileBlobStore(self.root / "blobs")
-        self.index = index or SQLiteIndex(self.root / "index.sqlite")
+        self.index = index or SQLiteIndex(self.root / "index.sqlite", MIGRATION_SETS)
         self.events = EventBus()
         self.metrics = metrics or Metrics()
         self._key_locks = [threading.Lock() for _ in range(64)]

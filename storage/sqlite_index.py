@@ -186,9 +186,10 @@ class _Writer(threading.Thread):
 
     MAX_BATCH = 512
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migration_sets: tuple[Migrations, ...]) -> None:
         super().__init__(name="index-writer", daemon=True)
         self.path = path
+        self.migration_sets = migration_sets
         self.jobs: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future] | None] = queue.Queue()
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
@@ -198,7 +199,8 @@ class _Writer(threading.Thread):
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             _configure(conn)
             db = sqlite_utils.Database(conn)
-            migrations.apply(db)
+            for migration_set in self.migration_sets:
+                migration_set.apply(db)
         except BaseException as exc:  # reported to the opener
             self.startup_error = exc
             self.ready.set()
@@ -274,10 +276,10 @@ def _configure(conn: sqlite3.Connection) -> None:
 class SQLiteIndex:
     """Patient / study / series / instance index plus the blob journal."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migration_sets: tuple[Migrations, ...] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = _Writer(self.path)
+        self._writer = _Writer(self.path, migration_sets or (migrations,))
         self._writer.start()
         self._writer.ready.wait()
         if self._writer.startup_error is not None:
