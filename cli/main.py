@@ -90,11 +90,15 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
     from .runtime import open_archive
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    if not args.verbose:  # one log line per instance would bury the bar and the summary
+        logging.getLogger("dicomnode.archive").setLevel(logging.WARNING)
     items = collect(args.paths)
     archive = open_archive(settings)
     summary = ImportSummary()
     try:
-        with tqdm(total=sum(i.size for i in items), unit="B", unit_scale=True, unit_divisor=1024,
+        with logging_redirect_tqdm(), tqdm(total=sum(i.size for i in items), unit="B", unit_scale=True, unit_divisor=1024,
                   desc="importing", disable=args.no_progress or None, file=sys.stderr) as bar:
             for outcome in import_items(archive, items, Source("import", "cli")):
                 summary.add(outcome)

@@ -445,14 +445,15 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
             raise NotDicom(f"not a DICOM file: {exc}") from exc
     except Exception as exc:
         raise NotDicom(f"not a DICOM file: {exc}") from exc
-    if fh.tell() > size:
-        raise InvalidInstance(f"the dataset is truncated: it declares {fh.tell()} bytes but has {size}")
     tsuid = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
     if has_meta and tsuid is None:
         has_meta = False
+    if not has_meta and "SOPInstanceUID" not in ds and "SOPClassUID" not in ds:
+        # checked before truncation: a text file read as DICOM "declares" huge lengths
+        raise NotDicom("not a DICOM file: no DICM prefix and no SOP Class/Instance UID")
+    if fh.tell() > size or _last_value_short(ds, fh, size):
+        raise InvalidInstance(f"the dataset is truncated: it declares more bytes than the {size} it has")
     if not has_meta:
-        if "SOPInstanceUID" not in ds and "SOPClassUID" not in ds:
-            raise NotDicom("not a DICOM file: no DICM prefix and no SOP Class/Instance UID")
         implicit, little = ds.original_encoding
         if implicit is None:
             raise NotDicom("not a DICOM file: the encoding could not be determined")
@@ -470,6 +471,28 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
     except Exception as exc:
         raise InvalidInstance(f"malformed attribute: {exc}") from exc
     return ds, str(tsuid)
+
+
+def _last_value_short(ds: Dataset, fh: BinaryIO, size: int) -> bool:
+    """True when the file ended inside its last element. pydicom reads a short value
+    without complaint when it is below the defer size, and stops at the end of the file
+    (with a warning) when an undefined-length value has no sequence delimiter."""
+    if not len(ds):
+        return size > 132  # pydicom gives up on a cut encapsulated value with an empty dataset
+    elem = ds.get_item(next(reversed(ds.keys())))
+    if isinstance(elem, pydicom.dataelem.RawDataElement):
+        undefined = elem.length == 0xFFFFFFFF
+        if not undefined:
+            return elem.value is not None and len(elem.value) < elem.length
+    else:
+        undefined = bool(getattr(elem, "is_undefined_length", False))
+    if not undefined:
+        return False
+    delimiter = b"\xfe\xff\xdd\xe0" if ds.original_encoding[1] is not False else b"\xff\xfe\xe0\xdd"
+    if size < 8:
+        return True
+    fh.seek(size - 8)
+    return fh.read(8) != delimiter + b"\x00" * 4
 
 
 def _add_file_meta(temp: Path, ds: Dataset, tsuid: str, blobs: BlobStore) -> tuple[Path, int]:
