@@ -8,12 +8,14 @@ the instance is on disk and in the index.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
 import shutil
 import threading
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from .events import EventBus, InstanceStored, StudyStable
 from .metrics import Metrics
 from .query import Query, compile_query, row_to_values
 from .schema import MIGRATION_SETS
-from .sqlite_index import InstanceRecord, SQLiteIndex, StoredInstance
+from .sqlite_index import InstanceRecord, SQLiteIndex, StoredInstance, UpsertOutcome
 from .uids import generate_uid, require_uid
 
 log = logging.getLogger("dicomnode.archive")
@@ -147,12 +149,13 @@ class Archive:
                         ds, tsuid = _parse(fh, os.fstat(fh.fileno()).st_size)
                     record = self._record(ds, tsuid, key, self._size(key), Source("repair"), time.time(),
                                           self.index.study_organization(str(ds.StudyInstanceUID)) or "local")
-                    self.index.upsert_instance(record)
+                    self._drop_obsolete(self.index.upsert_instance(record))
                     report["reindexed"] += 1
                 except Exception as exc:
-                    log.warning("repair: dropping unreadable blob %s: %s", key, exc)
-                    self.blobs.delete(key)
-                    report["dropped"] += 1
+                    if self.index.instance_by_blob(key) is None:  # never a file a row describes
+                        log.warning("repair: dropping unreadable blob %s: %s", key, exc)
+                        self.blobs.delete(key)
+                        report["dropped"] += 1
             done.append(pk)
         self.index.journal_remove(done)
         if any(report.values()):
@@ -247,17 +250,22 @@ class Archive:
         record = self._record(ds, tsuid, key, size, source, time.time(), source.organization)
         lock = self._key_locks[zlib.crc32(sop_uid.encode()) % len(self._key_locks)]
         with lock:
+            if self.blobs.exists(key):
+                # A replacement goes to a new key: the stored file stays untouched until
+                # the index points at the new one, so a refused or interrupted re-send
+                # never changes what was acknowledged before.
+                key = f"{study_uid}/{series_uid}/{sop_uid}.{uuid.uuid4().hex[:12]}.dcm"
+                record = dataclasses.replace(record, blob_key=key)
             journal_pk = self.index.journal_add(key, "store")
             try:
                 self.blobs.commit(temp, key)
                 outcome = self.index.upsert_instance(record, journal_pk)
             except BaseException:
                 # Not acknowledged: put things back as they were (repair does the same
-                # after a crash). A replaced file cannot be restored, so re-index it.
+                # after a crash): the new file goes, the one stored before stays.
                 self.repair_entry(journal_pk, key)
                 raise
-        if outcome.obsolete_blob:
-            self.blobs.delete(outcome.obsolete_blob)
+        self._drop_obsolete(outcome)
         result = StoreResult(
             sop_class_uid=sop_class,
             sop_instance_uid=sop_uid,
@@ -274,6 +282,13 @@ class Archive:
         )
         self.events.emit(InstanceStored(result=result, source=source, new_study=outcome.new_study))
         return result
+
+    def _drop_obsolete(self, outcome: UpsertOutcome) -> None:
+        """Delete the file a replacement made obsolete, then its journal row."""
+        if outcome.obsolete_blob:
+            self.blobs.delete(outcome.obsolete_blob)
+            if outcome.obsolete_journal is not None:
+                self.index.journal_remove([outcome.obsolete_journal])
 
     def repair_entry(self, journal_pk: int, key: str) -> None:
         """Undo one interrupted store: drop the blob unless a row describes it."""

@@ -161,6 +161,7 @@ class UpsertOutcome:
     replaced: bool
     new_study: bool
     obsolete_blob: str | None  # a blob no row points at any more (deleted after commit)
+    obsolete_journal: int | None = None  # the 'delete' journal row of obsolete_blob
 
 
 @dataclass(frozen=True)
@@ -532,11 +533,13 @@ def _upsert(conn: sqlite3.Connection, rec: InstanceRecord, journal_pk: int | Non
         conn.execute("UPDATE studies SET num_instances = num_instances + 1 WHERE pk = ?", (study_pk,))
     if journal_pk is not None:
         conn.execute("DELETE FROM journal WHERE pk = ?", (journal_pk,))
+    obsolete_journal = None
     if obsolete:
-        conn.execute(
+        obsolete_journal = conn.execute(
             "INSERT INTO journal (blob_key, action, created_at) VALUES (?, 'delete', ?)", (obsolete, now)
-        )
-    return UpsertOutcome(replaced=row is not None, new_study=new_study, obsolete_blob=obsolete)
+        ).lastrowid
+    return UpsertOutcome(replaced=row is not None, new_study=new_study, obsolete_blob=obsolete,
+                         obsolete_journal=obsolete_journal)
 
 
 def _delete(
