@@ -69,10 +69,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from .runtime import serve_forever
+    from .runtime import StartupError, serve_forever
 
     try:
         asyncio.run(serve_forever(settings))
+    except StartupError as exc:
+        logging.getLogger("dicomnode").error("cannot start: %s", exc)
+        return EXIT_FAILURE
     except OSError as exc:
         logging.getLogger("dicomnode").error(
             "cannot start: %s (is another process using the port? change [ae] port / [http] port "

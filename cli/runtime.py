@@ -48,17 +48,40 @@ class Running:
         log.info("stopped cleanly")
 
 
+class StartupError(Exception):
+    """The node cannot start (a port in use...); the message names the fix."""
+
+
+def _port_error(what: str, host: str, port: int, exc: OSError, key: str, flag: str) -> StartupError:
+    return StartupError(
+        f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}. Another process "
+        f"(perhaps another dicomnode) is using the port: stop it, or change {key} in ae.toml, "
+        f"or pass {flag}"
+    )
+
+
 async def start(settings: Settings) -> Running:
     started = time.perf_counter()
     archive = open_archive(settings)
     archive.start_stability_monitor()
     node = DicomNode(settings, archive)
-    node.start()
+    try:
+        node.start()
+    except OSError as exc:
+        archive.close()
+        raise _port_error("DIMSE", settings.ae.host, settings.ae.port, exc, "[ae] port", "--ae-port") from exc
     app = create_app(settings, archive)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.http.host, settings.http.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await asyncio.get_running_loop().run_in_executor(None, node.stop, 0)
+        archive.close()
+        raise _port_error("HTTP", settings.http.host, settings.http.port, exc, "[http] port",
+                          "--http-port") from exc
     http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     inbox = None
     if settings.inbox.path is not None:
