@@ -157,7 +157,10 @@ def _coerce(section: str, cls: type, raw: Mapping[str, Any]) -> Any:
         elif ftype == "str | None":
             values[key] = None if value in (None, "") else _check_type(full, value, str)
         elif ftype == "Path":
-            values[key] = Path(_check_type(full, value, str))
+            text = _check_type(full, value, str)
+            if not text.strip():
+                raise ConfigError(f"{full} must not be empty: give a folder such as \"./data\"")
+            values[key] = Path(text)
         elif ftype == "Path | None":
             text = _check_type(full, value, str)
             values[key] = Path(text) if text else None
@@ -208,6 +211,8 @@ def _parse_peers(raw: Any) -> tuple[Peer, ...]:
                 raise ConfigError(f"{key}.{required} is missing")
         title = _validate_ae_title(f"{key}.ae_title", _check_type(f"{key}.ae_title", item["ae_title"], str))
         host = _check_type(f"{key}.host", item["host"], str)
+        if not _looks_like_host(host):
+            raise ConfigError(f"{key}.host = {host!r} is not an IP address or host name")
         port = _check_type(f"{key}.port", item["port"], int)
         _validate_port(f"{key}.port", port)
         if port == 0:
@@ -250,6 +255,13 @@ def validate(settings: Settings) -> Settings:
     for key, host in (("ae.host", ae.host), ("http.host", settings.http.host)):
         if host not in ("localhost", "") and not _looks_like_host(host):
             raise ConfigError(f"{key} = {host!r} is not an IP address or host name")
+    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+        if getattr(ae, name) <= 0:
+            raise ConfigError(f"ae.{name} must be a positive number of seconds")
+    if ae.max_pdu_size < 0:
+        raise ConfigError("ae.max_pdu_size must be 0 (unlimited) or a number of bytes")
+    if settings.inbox.settle_s <= 0:
+        raise ConfigError("inbox.settle_s must be a positive number of seconds")
     if settings.storage.stable_after_s <= 0:
         raise ConfigError("storage.stable_after_s must be a positive number of seconds")
     if settings.http.max_request_mb < 1:
@@ -314,7 +326,10 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None
                 key = rest[len(section) + 1:]
                 types = _field_types(cls)
                 if key not in types:
-                    break
+                    raise ConfigError(
+                        f"unknown environment variable {name}: [{section}] has no key {key!r}; "
+                        f"known keys: {', '.join(sorted(types))}"
+                    )
                 data.setdefault(section, {})[key] = _parse_env_value(name, text, types[key])
                 break
 
