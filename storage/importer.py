@@ -61,13 +61,20 @@ def collect(paths: Iterable[Path]) -> list[ImportItem]:
     return items
 
 
+def _is_dicomdir(name: str) -> bool:
+    """A media directory (the index of a CD), not an instance: never imported."""
+    return name.replace("\\", "/").rsplit("/", 1)[-1].upper() == "DICOMDIR"
+
+
 def _file_items(path: Path) -> list[ImportItem]:
+    if _is_dicomdir(path.name):
+        return []
     if path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             return [
                 ImportItem(f"{path}!{info.filename}", info.file_size, path, info.filename)
                 for info in zf.infolist()
-                if not info.is_dir()
+                if not info.is_dir() and not _is_dicomdir(info.filename)
             ]
     return [ImportItem(str(path), path.stat().st_size, path)]
 

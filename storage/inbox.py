@@ -107,7 +107,21 @@ class Inbox:
 
     def _take(self, path: Path) -> None:
         source = Source("inbox", path.name)
+        try:
+            before = path.stat()
+        except FileNotFoundError:
+            return
         outcomes = list(import_items(self.archive, collect([path]), source))
+        try:
+            after = path.stat()
+        except FileNotFoundError:
+            return
+        if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
+            # the sender wrote to it while we imported: what we stored may not be what
+            # it will hold, so neither delete nor reject it; take it again once settled
+            log.info("inbox: %s changed while being imported; will take it again", path.name)
+            self.notice(path)
+            return
         if any(o.status == "failed" for o in outcomes):
             # the archive could not write (disk full...): keep the file, retry later
             reason = next(o.reason for o in outcomes if o.status == "failed")

@@ -95,6 +95,7 @@ def test_instance_stored_fires_again_for_a_resend_marked_replaced(node, tmp_path
     assert [e.result.replaced for e in stored.events] == [False, True]
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_a_refused_store_fires_no_event(node):
     stored = Recorder(node, InstanceStored)
     [ds] = corpus.ct_series(1, size=16)
@@ -175,6 +176,7 @@ def test_metrics_count_instances_and_bytes_stored(node, tmp_path):
     assert "# TYPE dicomnode_instances_stored_total counter" in text
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_metrics_count_a_refused_store_by_reason(node, tmp_path):
     storescu(node, *corpus.save(corpus.ct_series(1, size=16), tmp_path / "in"))
     [ds] = corpus.ct_series(1, size=16)

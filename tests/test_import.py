@@ -222,3 +222,12 @@ def test_import_records_the_import_command_as_the_source(tmp_path, data_dir):
     with sqlite3.connect(data_dir / "index.sqlite") as conn:
         [(source,)] = conn.execute("SELECT source FROM instances").fetchall()
     assert source.startswith("import:")
+
+
+def test_import_of_a_cd_folder_skips_its_dicomdir(tmp_path, data_dir):
+    files = ct_files(tmp_path / "cd" / "DICOM", 2)
+    (tmp_path / "cd" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    proc = dicomnode_import(data_dir, tmp_path / "cd")
+    assert proc.returncode == 0, proc.stdout
+    assert "stored: 2  duplicate: 0  rejected: 0" in proc.stdout
+    assert stored_uids(data_dir) == {uid_of(p) for p in files}

@@ -2,6 +2,7 @@
 once stored; what is not DICOM goes to ``inbox/rejected/`` with the reason beside it."""
 from __future__ import annotations
 
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from storage import InstanceStored
 from tests import corpus
 from tests.support import wait_until
 
@@ -179,3 +181,40 @@ def test_a_file_sent_again_through_the_inbox_is_taken_as_a_duplicate(inbox_node,
     wait_until(lambda: not dropped.exists(), what="the second copy to be taken")
     assert not list((inbox / "rejected").iterdir())
     assert inbox_node.archive.counts()["instances"] == 1
+
+
+def test_a_folder_moved_into_the_inbox_has_its_files_stored(inbox_node, inbox, tmp_path):
+    files = corpus.save(corpus.ct_series(2, size=16), tmp_path / "outside" / "STUDY1")
+    uids = [uid_of(p) for p in files]
+    inbox.mkdir(exist_ok=True)
+    (tmp_path / "outside" / "STUDY1").rename(inbox / "STUDY1")  # mv STUDY1 inbox/
+    wait_until(lambda: all(is_stored(inbox_node, uid) for uid in uids), what="the moved folder's files")
+    wait_until(lambda: not any((inbox / "STUDY1").rglob("*.dcm")), what="the moved files to be removed")
+
+
+def test_a_file_changed_while_it_was_being_imported_is_taken_again_not_deleted(inbox_node, inbox, tmp_path):
+    [ds] = corpus.ct_series(1, size=16)
+    [first] = corpus.save([ds], tmp_path / "v1")
+    ds.InstanceNumber = 99  # the sender rewrites the file while the inbox is importing it
+    [second] = corpus.save([ds], tmp_path / "v2")
+    target = inbox / "scan.dcm"
+    rewritten = threading.Event()
+
+    def rewrite_during_import(event) -> None:
+        if not rewritten.is_set():
+            rewritten.set()
+            target.write_bytes(second.read_bytes())
+
+    inbox_node.archive.events.subscribe(InstanceStored, rewrite_during_import)
+    drop(first, inbox, "scan.dcm")
+    wait_until(rewritten.is_set, what="the first import")
+    wait_until(lambda: not target.exists(), what="the rewritten file to be taken")
+    assert stored_bytes(inbox_node, ds.SOPInstanceUID) == second.read_bytes()
+
+
+def test_a_dicomdir_in_a_dropped_folder_is_not_treated_as_a_rejected_image(inbox_node, inbox, tmp_path):
+    files = corpus.save(corpus.ct_series(1, size=16), tmp_path / "cd" / "DICOM")
+    (tmp_path / "cd" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    (tmp_path / "cd").rename(inbox / "cd")
+    wait_until(lambda: is_stored(inbox_node, files[0].stem), what="the CD's image")
+    assert not list((inbox / "rejected").glob("*.reason.txt"))
