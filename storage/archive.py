@@ -104,6 +104,9 @@ class Archive:
         if self._monitor is not None:
             self._monitor.join(timeout=5)
         self.index.close()
+        close_blobs = getattr(self.blobs, "close", None)
+        if close_blobs is not None:
+            close_blobs()
 
     def start_stability_monitor(self, interval_s: float | None = None) -> None:
         """Emit ``study stable`` for studies with no new instance for ``stable_after_s``."""

@@ -5,9 +5,11 @@ S3-compatible store can stand in for :class:`FileBlobStore` without touching cal
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
@@ -33,14 +35,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _is_temp_id(name: str) -> bool:
+    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+
+
 class FileBlobStore:
-    """Blobs as files under ``root``; writes are atomic (temp file, fsync, rename, fsync dir)."""
+    """Blobs as files under ``root``; writes are atomic (temp file, fsync, rename, fsync dir).
+
+    Several processes may open one archive (``dicomnode serve`` and ``dicomnode import``):
+    each keeps its temp files in its own folder ``.tmp/<id>/``, held by an exclusive lock
+    on ``.tmp/<id>.lock`` while the process lives, so that clearing what a crash left
+    behind never touches a file another live process is writing."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
-        self.tmp = self.root / ".tmp"
+        self.tmp_root = self.root / ".tmp"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(exist_ok=True)
+        self.tmp_root.mkdir(exist_ok=True)
+        self._id = uuid.uuid4().hex
+        # lock first, under a name no cleaner looks at, then publish the lock, then the folder
+        locking = self.tmp_root / f".{self._id}.locking"
+        self._lock_fd: int | None = os.open(locking, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.rename(locking, self.tmp_root / f"{self._id}.lock")
+        self.tmp = self.tmp_root / self._id
+        self.tmp.mkdir()
+
+    def close(self) -> None:
+        """Remove this process's temp folder and release its lock."""
+        if self._lock_fd is None:
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            os.unlink(self.tmp_root / f"{self._id}.lock")
+        except FileNotFoundError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -96,16 +127,41 @@ class FileBlobStore:
             pass
 
     def clear_temp(self) -> int:
-        """Remove temp files a crash left behind; returns how many."""
+        """Remove the temp files of processes that are gone (a crash left them behind);
+        returns how many. Temp folders of live processes are locked and left alone."""
         count = 0
-        for entry in self.tmp.iterdir():
-            if entry.is_file():
-                entry.unlink()
+        for entry in self.tmp_root.iterdir():
+            if entry.name in (self._id, f"{self._id}.lock"):
+                continue
+            if entry.suffix == ".lock":
+                if self._owner_gone(entry):
+                    folder = entry.with_suffix("")
+                    if folder.is_dir():
+                        count += sum(1 for p in folder.rglob("*") if p.is_file())
+                        shutil.rmtree(folder, ignore_errors=True)
+                    entry.unlink(missing_ok=True)
+            elif entry.is_file() and entry.suffix == ".part":  # the layout before per-process folders
+                entry.unlink(missing_ok=True)
                 count += 1
-            elif entry.is_dir():
+            elif entry.is_dir() and _is_temp_id(entry.name) and not entry.with_suffix(".lock").exists():
+                # a folder whose lock is gone: its owner died after a cleaner removed the lock
+                count += sum(1 for p in entry.rglob("*") if p.is_file())
                 shutil.rmtree(entry, ignore_errors=True)
-                count += 1
         return count
+
+    @staticmethod
+    def _owner_gone(lock: Path) -> bool:
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live process holds it
+        finally:
+            os.close(fd)  # closing drops the lock we may have taken
+        return True
 
     def iter_keys(self) -> Iterator[str]:
         for dirpath, dirnames, filenames in os.walk(self.root):

@@ -198,12 +198,27 @@ def test_repair_keeps_a_file_that_an_index_row_still_describes(archive_dir):
     assert_consistent(archive_dir)
 
 
-def test_repair_clears_leftover_temp_files(archive_dir):
+def test_repair_clears_the_temp_files_of_a_process_that_died(archive_dir):
     open_archive(archive_dir).close()
-    for name in ("tmpa1b2.part", "tmpc3d4.part"):
-        (archive_dir / "blobs" / ".tmp" / name).write_bytes(b"half a dataset")
+    dead = "0123456789abcdef0123456789abcdef"
+    (archive_dir / "blobs" / ".tmp" / f"{dead}.lock").write_bytes(b"")  # nobody holds its lock
+    (archive_dir / "blobs" / ".tmp" / dead).mkdir()
+    (archive_dir / "blobs" / ".tmp" / dead / "tmpa1b2.part").write_bytes(b"half a dataset")
+    (archive_dir / "blobs" / ".tmp" / "tmpc3d4.part").write_bytes(b"half a dataset")
     open_archive(archive_dir).close()
     assert list((archive_dir / "blobs" / ".tmp").iterdir()) == []
+
+
+def test_repair_leaves_the_temp_files_of_a_live_process_alone(archive_dir):
+    live = open_archive(archive_dir)
+    try:
+        fh, temp = live.new_temp()
+        with fh:
+            fh.write(b"a dataset being received")
+        open_archive(archive_dir).close()  # another process opens the archive and repairs
+        assert temp.read_bytes() == b"a dataset being received"
+    finally:
+        live.close()
 
 
 def _encode(ds: pydicom.Dataset) -> bytes:
@@ -316,3 +331,30 @@ def test_many_resends_leave_one_row_one_file_and_an_empty_journal(archive_dir):
     state = archive_state(archive_dir)
     assert len(state.rows) == 1 and state.files == set(state.rows.values())
     assert state.journal == []
+
+
+# ------------------------------------------------------------------ two processes, one archive
+
+
+def test_an_import_into_a_running_archive_does_not_disturb_stores_in_flight(node, tmp_path):
+    from tests.conftest import run_cli
+
+    files = corpus.save(corpus.ct_series(200, size=8), tmp_path / "stream")
+    extra = corpus.save(corpus.ct_series(5, size=8), tmp_path / "cd")
+    storescu = subprocess.Popen(
+        [dcmtk_exe("storescu"), "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, files)],
+        env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_until(lambda: node.archive.counts()["instances"] >= 10, what="the stream to be in flight")
+        imports = [run_cli("import", "--data", str(node.data_dir), str(tmp_path / "cd"), cwd=tmp_path)
+                   for _ in range(3)]
+        out, _ = storescu.communicate(timeout=120)
+    finally:
+        if storescu.poll() is None:
+            storescu.kill()
+            storescu.wait()
+    assert [p.returncode for p in imports] == [0, 0, 0], imports[0].stdout + imports[0].stderr
+    assert len(acknowledged(out)) == len(files), "a store in flight failed while another process opened the archive"
+    assert storescu.returncode == 0
+    assert node.archive.counts()["instances"] == len(files) + len(extra)
