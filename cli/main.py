@@ -87,22 +87,27 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from storage import Source
     from storage.importer import ImportSummary, collect, import_items
 
-    from .runtime import open_archive
-
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    from .runtime import StartupError, open_archive
 
     if not args.verbose:  # one log line per instance would bury the bar and the summary
         logging.getLogger("dicomnode.archive").setLevel(logging.WARNING)
     items = collect(args.paths)
-    archive = open_archive(settings)
+    try:
+        archive = open_archive(settings)
+    except StartupError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     summary = ImportSummary()
     try:
-        with logging_redirect_tqdm(), tqdm(total=sum(i.size for i in items), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="importing", disable=args.no_progress or None, file=sys.stderr) as bar:
+        with logging_redirect_tqdm(), tqdm(
+            total=sum(i.size for i in items), unit="B", unit_scale=True, unit_divisor=1024,
+            desc="importing", disable=args.no_progress or None, file=sys.stderr,
+        ) as bar:
             for outcome in import_items(archive, items, Source("import", "cli")):
                 summary.add(outcome)
                 bar.update(outcome.size)

@@ -13,18 +13,28 @@ from aiohttp import web
 from config import Settings
 from dicomweb import create_app
 from node import DicomNode
-from storage import Archive
+from storage import Archive, ArchiveError
 from storage.inbox import Inbox
 
 log = logging.getLogger("dicomnode")
 
 
+class StartupError(Exception):
+    """The node cannot start (a port in use...); the message names the fix."""
+
+
 def open_archive(settings: Settings) -> Archive:
-    return Archive(
-        settings.storage.path,
-        uid_root=settings.ae.uid_root,
-        stable_after_s=settings.storage.stable_after_s,
-    )
+    try:
+        return Archive(
+            settings.storage.path,
+            uid_root=settings.ae.uid_root,
+            stable_after_s=settings.storage.stable_after_s,
+        )
+    except (OSError, ArchiveError) as exc:
+        raise StartupError(
+            f"cannot open the archive at {settings.storage.path}: {getattr(exc, 'message', None) or exc}. "
+            "Check [storage] path in ae.toml or --data: it must be a folder this user can write"
+        ) from exc
 
 
 @dataclass
@@ -46,10 +56,6 @@ class Running:
             await asyncio.get_running_loop().run_in_executor(None, self.inbox.stop)
         self.archive.close()
         log.info("stopped cleanly")
-
-
-class StartupError(Exception):
-    """The node cannot start (a port in use...); the message names the fix."""
 
 
 def _port_error(what: str, host: str, port: int, exc: OSError, key: str, flag: str) -> StartupError:

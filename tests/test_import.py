@@ -231,3 +231,12 @@ def test_import_of_a_cd_folder_skips_its_dicomdir(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stdout
     assert "stored: 2  duplicate: 0  rejected: 0" in proc.stdout
     assert stored_uids(data_dir) == {uid_of(p) for p in files}
+
+
+def test_import_into_an_unusable_archive_folder_exits_1_naming_it(tmp_path, data_dir):
+    [path] = ct_files(tmp_path / "in", 1)
+    data_dir.write_text("not a folder\n")
+    proc = dicomnode_import(data_dir, path)
+    assert proc.returncode == 1
+    assert f"cannot open the archive at {data_dir}" in proc.stderr
+    assert "Traceback" not in proc.stderr

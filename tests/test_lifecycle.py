@@ -121,3 +121,13 @@ def test_serve_reopens_an_archive_with_its_instances(serve, tmp_path):
     again = serve(tmp_path / "data")
     assert again.healthz()["instances"] == 3
     assert "(3 instances)" in again.log()
+
+
+def test_an_unusable_archive_folder_is_a_clear_error(serve, tmp_path):
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("a file where the archive folder should be\n")
+    node = serve(not_a_folder, wait=False)
+    assert node.wait_exit(timeout=30) == 1
+    log = node.log()
+    assert f"cannot open the archive at {not_a_folder}" in log
+    assert "--data" in log and "Traceback" not in log
