@@ -155,7 +155,7 @@ class ArchiveState:
 
 def archive_state(data_dir: Path) -> ArchiveState:
     """Read an archive folder directly (no Archive object, so no repair runs)."""
-    conn = sqlite3.connect(data_dir / "index.sqlite")
+    conn = sqlite3.connect(f"file:{data_dir / 'index.sqlite'}?mode=ro", uri=True)  # never creates it
     try:
         integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
         rows = dict(conn.execute("SELECT sop_instance_uid, blob_key FROM instances"))

@@ -358,3 +358,37 @@ def test_an_import_into_a_running_archive_does_not_disturb_stores_in_flight(node
     assert len(acknowledged(out)) == len(files), "a store in flight failed while another process opened the archive"
     assert storescu.returncode == 0
     assert node.archive.counts()["instances"] == len(files) + len(extra)
+
+
+def rows_so_far(data: Path) -> int:
+    """Index rows of an archive another process is creating (0 until its schema exists)."""
+    try:
+        return len(archive_state(data).rows)
+    except sqlite3.Error:
+        return 0
+
+
+def test_kill_9_during_an_import_leaves_a_consistent_archive(tmp_path):
+    import os
+    import sys
+
+    from tests.conftest import REPO
+
+    corpus.save(corpus.ct_series(300, size=8), tmp_path / "in")
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "import", "--no-progress", "--data", str(data), str(tmp_path / "in")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: rows_so_far(data) >= 30, timeout=60, what="the import to be under way")
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    open_archive(data).close()  # the next user of the archive repairs it
+    assert_consistent(data)
+    assert len(archive_state(data).rows) < 300, "the kill should land before the import ended"
