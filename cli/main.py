@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -103,6 +104,15 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     summary = ImportSummary()
+    interrupted = False
+    stop_requested = []
+
+    def on_sigint(signum, frame) -> None:  # first Ctrl-C: finish the file in hand, then stop
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         with logging_redirect_tqdm(), tqdm(
             total=sum(i.size for i in items), unit="B", unit_scale=True, unit_divisor=1024,
@@ -112,11 +122,21 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
                 summary.add(outcome)
                 bar.update(outcome.size)
                 bar.set_postfix(stored=summary.stored, duplicate=summary.duplicate, rejected=summary.rejected)
+                if stop_requested:
+                    break
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once (a store cut short is undone)
+        pass
     finally:
+        signal.signal(signal.SIGINT, previous)
+        interrupted = bool(stop_requested)
         archive.close()
     print(f"stored: {summary.stored}  duplicate: {summary.duplicate}  rejected: {summary.rejected}")
     for outcome in summary.rejections:
         print(f"rejected {outcome.name}: {outcome.reason}")
+    if interrupted:
+        done = summary.stored + summary.duplicate + summary.rejected
+        print(f"interrupted: {len(items) - done} of {len(items)} file(s) not imported")
+        return EXIT_FAILURE
     return EXIT_FAILURE if summary.rejected else EXIT_OK
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import pty
 import struct
 import subprocess
@@ -240,3 +241,38 @@ def test_import_into_an_unusable_archive_folder_exits_1_naming_it(tmp_path, data
     assert proc.returncode == 1
     assert f"cannot open the archive at {data_dir}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_import_interrupted_with_ctrl_c_reports_how_far_it_got(tmp_path, data_dir):
+    import signal
+    import sqlite3
+
+    from tests.support import wait_until
+
+    ct_files(tmp_path / "in", 300)
+
+    def rows() -> int:
+        try:
+            with sqlite3.connect(f"file:{data_dir / 'index.sqlite'}?mode=ro", uri=True) as conn:
+                return conn.execute("SELECT count(*) FROM instances").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "import", "--data", str(data_dir), str(tmp_path / "in")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: rows() >= 20, timeout=60, what="the import to be under way")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    stored = int(re.search(r"stored: (\d+)", out).group(1))
+    assert re.search(rf"interrupted: {300 - stored} of 300 file\(s\) not imported", out), out
+    assert rows() == stored
+    assert "Traceback" not in err
