@@ -35,12 +35,16 @@ class _Events(FileSystemEventHandler):
 
 
 class Inbox:
-    def __init__(self, folder: Path, archive: Archive, settle_s: float = 2.0, poll_s: float = 0.25) -> None:
+    def __init__(self, folder: Path, archive: Archive, settle_s: float = 2.0, poll_s: float = 0.25,
+                 rescan_s: float = 30.0) -> None:
         self.folder = Path(folder)
         self.rejected = self.folder / REJECTED
         self.archive = archive
         self.settle_s = settle_s
         self.poll_s = poll_s
+        # watchdog misses files written over NFS/SMB by another machine, and events lost
+        # when the kernel queue overflows: a periodic rescan picks those up
+        self.rescan_s = rescan_s
         self._seen: dict[Path, tuple[int, float, float]] = {}  # path -> size, mtime, since
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -50,8 +54,7 @@ class Inbox:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rejected.mkdir(exist_ok=True)
-        for path in self.folder.rglob("*"):
-            self.notice(path)
+        self._rescan()
         observer = Observer()
         observer.schedule(_Events(self), str(self.folder), recursive=True)
         observer.start()
@@ -81,12 +84,27 @@ class Inbox:
             return True
         return rel.parts[0] == REJECTED or any(p.startswith(".") for p in rel.parts) or path.suffix in (".part", ".tmp")
 
+    def _rescan(self) -> None:
+        for path in self.folder.rglob("*"):
+            self.notice(path)
+
     def _run(self) -> None:
+        last_scan = time.monotonic()
         while not self._stop.wait(self.poll_s):
+            if time.monotonic() - last_scan >= self.rescan_s:
+                try:
+                    self._rescan()
+                except OSError as exc:  # the share went away for a moment: try again later
+                    log.warning("inbox: cannot scan %s: %s", self.folder, exc)
+                last_scan = time.monotonic()
             for path in self._settled():
                 if self._stop.is_set():
                     return
-                self._take(path)
+                try:
+                    self._take(path)
+                except Exception:  # keep watching: one bad file must not stop the inbox
+                    log.exception("inbox: could not take %s; will retry", path)
+                    self.notice(path)
 
     def _settled(self) -> list[Path]:
         now = time.monotonic()
@@ -136,7 +154,10 @@ class Inbox:
         target = self._unique(self.rejected / path.name)
         shutil.move(str(path), target)
         reasons = "\n".join(f"{o.name}: {o.reason}" for o in rejected)
-        target.with_name(target.name + ".reason.txt").write_text(reasons + "\n", encoding="utf-8")
+        reason = target.with_name(target.name + ".reason.txt")
+        staging = target.with_name("." + reason.name + ".tmp")
+        staging.write_text(reasons + "\n", encoding="utf-8")
+        staging.replace(reason)  # whoever sees the reason file sees all of it
         log.warning("inbox: rejected %s: %s", path.name, rejected[0].reason)
 
     @staticmethod

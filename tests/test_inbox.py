@@ -218,3 +218,16 @@ def test_a_dicomdir_in_a_dropped_folder_is_not_treated_as_a_rejected_image(inbox
     (tmp_path / "cd").rename(inbox / "cd")
     wait_until(lambda: is_stored(inbox_node, files[0].stem), what="the CD's image")
     assert not list((inbox / "rejected").glob("*.reason.txt"))
+
+
+def test_the_inbox_keeps_working_after_a_file_it_could_not_move(inbox_node, inbox, tmp_path):
+    (inbox / "rejected").rmdir()
+    (inbox / "rejected").write_text("someone put a file where the rejected folder was\n")
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image\n")
+    drop(bad, inbox)
+    source = ct_file(tmp_path / "src")
+    dropped = drop(source, inbox)
+    wait_until(lambda: is_stored(inbox_node, uid_of(source)), what="the next file to be stored")
+    wait_until(lambda: not dropped.exists(), what="the next file to be removed")
+    assert (inbox / "notes.txt").exists()  # kept in place, not lost
