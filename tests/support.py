@@ -114,7 +114,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
 
     def factory(data_dir: Path | None = None, *extra: str, toml: str = "", wait: bool = True,
                 ae_port: int | None = None, http_port: int | None = None,
-                env: dict[str, str] | None = None) -> ServeProcess:
+                env: dict[str, str] | None = None, port_flags: bool = True) -> ServeProcess:
         n = len(started)
         data_dir = data_dir or tmp_path / f"serve-data{n}"
         config = write_toml(tmp_path / f"serve{n}.toml", "[auth]\nrequired = false\n" + toml)
@@ -122,8 +122,9 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
         http_port = http_port or free_port()
         log_path = tmp_path / f"serve{n}.log"
         log = open(log_path, "w", encoding="utf-8")
+        flags = ["--ae-port", str(ae_port), "--http-port", str(http_port)] if port_flags else []
         args = [sys.executable, "-m", "cli.main", "serve", "--config", str(config), "--data", str(data_dir),
-                "--ae-port", str(ae_port), "--http-port", str(http_port), *extra]
+                *flags, *extra]
         proc = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
         sp = ServeProcess(proc, data_dir, ae_port, http_port, log_path, _log=log)

@@ -8,7 +8,7 @@ import pytest
 
 from config import ConfigError, Settings, load_settings
 from tests.conftest import REPO, run_cli
-from tests.support import write_toml
+from tests.support import serve, write_toml  # noqa: F401 (fixture)
 
 
 def check(tmp_path: Path, toml: str | None = None, *args: str, env: dict | None = None):
@@ -164,3 +164,20 @@ def test_settings_are_frozen():
 def test_config_error_names_the_key_in_python_too(tmp_path):
     with pytest.raises(ConfigError, match=r"ae\.port"):
         load_settings(write_toml(tmp_path / "x.toml", "[ae]\nport = 99999\n"), environ={})
+
+
+def test_serve_listens_on_the_port_from_the_environment(serve):
+    from tests.conftest import free_port
+
+    ae_port, http_port = free_port(), free_port()
+    node = serve(None, toml=f"[ae]\nport = 104\n[http]\nport = {http_port}\n", port_flags=False,
+                 ae_port=ae_port, http_port=http_port, env={"DICOMNODE_AE_PORT": str(ae_port)})
+    assert f"AE DICOMNODE on 127.0.0.1:{ae_port}" in node.log()
+
+
+def test_serve_flags_win_over_the_environment_and_the_file(serve):
+    from tests.conftest import free_port
+
+    flag_port = free_port()
+    node = serve(None, toml="[ae]\nport = 104\n", ae_port=flag_port, env={"DICOMNODE_AE_PORT": "105"})
+    assert f"AE DICOMNODE on 127.0.0.1:{flag_port}" in node.log()
