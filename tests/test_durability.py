@@ -74,7 +74,8 @@ def test_kill_9_during_a_storescu_stream_loses_no_acknowledged_instance(serve, t
             storescu.wait()
     reader.join(timeout=10)
     acked = acknowledged("".join(output))
-    assert kill_after <= len(acked) < len(files), "the kill should land in the middle of the stream"
+    # the node logs "stored" just before it answers, so the last one may be unacknowledged
+    assert kill_after - 1 <= len(acked) < len(files), f"the kill should land mid-stream ({len(acked)} acked)"
 
     restarted = serve(tmp_path / "data")  # the archive repairs on start
     restarted.stop()
