@@ -260,6 +260,15 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(f"ae.{name} must be a positive number of seconds")
     if ae.max_pdu_size < 0:
         raise ConfigError("ae.max_pdu_size must be 0 (unlimited) or a number of bytes")
+    if settings.inbox.path is not None:
+        inbox, archive = settings.inbox.path.resolve(), settings.storage.path.resolve()
+        if inbox == archive or inbox.is_relative_to(archive) or archive.is_relative_to(inbox):
+            # the inbox deletes what it imports: it must never see the archive's own files
+            raise ConfigError(
+                f"inbox.path = {str(settings.inbox.path)!r} overlaps storage.path = "
+                f"{str(settings.storage.path)!r}: the inbox removes the files it takes, so it must "
+                "be a folder outside the archive (and the archive outside it)"
+            )
     if settings.inbox.settle_s <= 0:
         raise ConfigError("inbox.settle_s must be a positive number of seconds")
     if settings.storage.stable_after_s <= 0:
