@@ -140,6 +140,9 @@ class FileBlobStore:
                         count += sum(1 for p in folder.rglob("*") if p.is_file())
                         shutil.rmtree(folder, ignore_errors=True)
                     entry.unlink(missing_ok=True)
+            elif entry.suffix == ".locking":  # its owner died before publishing its lock
+                if entry.name != f".{self._id}.locking" and self._owner_gone(entry):
+                    entry.unlink(missing_ok=True)
             elif entry.is_file() and entry.suffix == ".part":  # the layout before per-process folders
                 entry.unlink(missing_ok=True)
                 count += 1
