@@ -78,10 +78,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         logging.getLogger("dicomnode").error("cannot start: %s", exc)
         return EXIT_FAILURE
     except OSError as exc:
-        logging.getLogger("dicomnode").error(
-            "cannot start: %s (is another process using the port? change [ae] port / [http] port "
-            "or pass --ae-port / --http-port)", exc,
-        )
+        logging.getLogger("dicomnode").error("stopped on an operating system error: %s", exc)
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -92,7 +92,17 @@ async def start(settings: Settings) -> Running:
     inbox = None
     if settings.inbox.path is not None:
         inbox = Inbox(settings.inbox.path, archive, settle_s=settings.inbox.settle_s)
-        inbox.start()
+        try:
+            inbox.start()
+        except OSError as exc:
+            inbox.stop()
+            await runner.cleanup()
+            await asyncio.get_running_loop().run_in_executor(None, node.stop, 0)
+            archive.close()
+            raise StartupError(
+                f"cannot watch the inbox {settings.inbox.path}: {exc}. Check [inbox] path in ae.toml: "
+                "it must be a folder this user can read and write"
+            ) from exc
     counts = archive.counts()
     log.info(
         "dicomnode ready in %.2f s: AE %s on %s:%d, HTTP on http://%s:%d, archive %s (%d instances)",

@@ -131,3 +131,13 @@ def test_an_unusable_archive_folder_is_a_clear_error(serve, tmp_path):
     log = node.log()
     assert f"cannot open the archive at {not_a_folder}" in log
     assert "--data" in log and "Traceback" not in log
+
+
+def test_an_unusable_inbox_folder_is_a_clear_error(serve, tmp_path):
+    not_a_folder = tmp_path / "inbox"
+    not_a_folder.write_text("a file where the inbox folder should be\n")
+    node = serve(None, toml=f'[inbox]\npath = "{not_a_folder}"\n', wait=False)
+    assert node.wait_exit(timeout=30) == 1
+    log = node.log()
+    assert f"cannot watch the inbox {not_a_folder}" in log and "[inbox] path" in log
+    assert "Traceback" not in log
