@@ -118,7 +118,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             for outcome in import_items(archive, items, Source("import", "cli")):
                 summary.add(outcome)
                 bar.update(outcome.size)
-                bar.set_postfix(stored=summary.stored, duplicate=summary.duplicate, rejected=summary.rejected)
+                bar.set_postfix(stored=summary.stored, duplicate=summary.duplicate, rejected=summary.rejected,
+                                failed=summary.failed)
                 if stop_requested:
                     break
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once (a store cut short is undone)
@@ -127,14 +128,16 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signal.SIGINT, previous)
         interrupted = bool(stop_requested)
         archive.close()
-    print(f"stored: {summary.stored}  duplicate: {summary.duplicate}  rejected: {summary.rejected}")
+    failed = f"  failed: {summary.failed}" if summary.failed else ""
+    print(f"stored: {summary.stored}  duplicate: {summary.duplicate}  rejected: {summary.rejected}{failed}")
     for outcome in summary.rejections:
         print(f"rejected {outcome.name}: {outcome.reason}")
+    for outcome in summary.failures:
+        print(f"failed {outcome.name}: {outcome.reason}")
     if interrupted:
-        done = summary.stored + summary.duplicate + summary.rejected
-        print(f"interrupted: {len(items) - done} of {len(items)} file(s) not imported")
+        print(f"interrupted: {len(items) - summary.done} of {len(items)} file(s) not imported")
         return EXIT_FAILURE
-    return EXIT_FAILURE if summary.rejected else EXIT_OK
+    return EXIT_FAILURE if summary.rejected or summary.failed else EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:

@@ -175,11 +175,22 @@ class Archive:
         return self.store_stream(io.BytesIO(data), source, expected_study)
 
     def store_stream(self, stream: BinaryIO, source: Source, expected_study: str | None = None) -> StoreResult:
-        """Store one instance read from ``stream`` in chunks (memory stays flat)."""
-        fh, temp = self.blobs.new_temp()
+        """Store one instance read from ``stream`` in chunks (memory stays flat).
+
+        An error reading ``stream`` propagates as it is; an error writing the archive's
+        temp file (disk full...) is a :class:`StorageFailure`, so callers can tell a bad
+        input from an archive that cannot write."""
+        try:
+            fh, temp = self.blobs.new_temp()
+        except OSError as exc:
+            raise StorageFailure(f"the archive could not write a temp file: {exc.strerror or exc}") from exc
         try:
             with fh:
-                shutil.copyfileobj(stream, fh, _COPY_CHUNK)
+                while chunk := stream.read(_COPY_CHUNK):
+                    try:
+                        fh.write(chunk)
+                    except OSError as exc:
+                        raise StorageFailure(f"the archive could not write: {exc.strerror or exc}") from exc
         except BaseException:
             self.blobs.discard_temp(temp)
             raise

@@ -23,17 +23,26 @@ class ImportOutcome:
 class ImportSummary:
     stored: int = 0
     duplicate: int = 0
-    rejected: int = 0
+    rejected: int = 0  # bad input files
+    failed: int = 0  # good or unknown input the archive could not write (disk full...)
     rejections: list[ImportOutcome] = field(default_factory=list)
+    failures: list[ImportOutcome] = field(default_factory=list)
 
     def add(self, outcome: ImportOutcome) -> None:
         if outcome.status == "stored":
             self.stored += 1
         elif outcome.status == "duplicate":
             self.duplicate += 1
+        elif outcome.status == "failed":
+            self.failed += 1
+            self.failures.append(outcome)
         else:
             self.rejected += 1
             self.rejections.append(outcome)
+
+    @property
+    def done(self) -> int:
+        return self.stored + self.duplicate + self.rejected + self.failed
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
 
     def factory(data_dir: Path | None = None, *extra: str, toml: str = "", wait: bool = True,
                 ae_port: int | None = None, http_port: int | None = None,
-                env: dict[str, str] | None = None, port_flags: bool = True) -> ServeProcess:
+                env: dict[str, str] | None = None, port_flags: bool = True,
+                preexec_fn: Callable[[], None] | None = None) -> ServeProcess:
         n = len(started)
         data_dir = data_dir or tmp_path / f"serve-data{n}"
         config = write_toml(tmp_path / f"serve{n}.toml", "[auth]\nrequired = false\n" + toml)
@@ -126,7 +127,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
         args = [sys.executable, "-m", "cli.main", "serve", "--config", str(config), "--data", str(data_dir),
                 *flags, *extra]
         proc = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+                                env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                                preexec_fn=preexec_fn)
         sp = ServeProcess(proc, data_dir, ae_port, http_port, log_path, _log=log)
         started.append(sp)
         return sp.wait_ready() if wait else sp

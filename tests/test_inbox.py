@@ -12,7 +12,7 @@ import pytest
 
 from storage import InstanceStored
 from tests import corpus
-from tests.support import wait_until
+from tests.support import serve, wait_until  # noqa: F401 (fixture)
 
 SETTLE_S = 1.0  # generous: the writer in the slow-write test pauses far less
 
@@ -231,3 +231,16 @@ def test_the_inbox_keeps_working_after_a_file_it_could_not_move(inbox_node, inbo
     wait_until(lambda: is_stored(inbox_node, uid_of(source)), what="the next file to be stored")
     wait_until(lambda: not dropped.exists(), what="the next file to be removed")
     assert (inbox / "notes.txt").exists()  # kept in place, not lost
+
+
+def test_a_file_the_archive_cannot_write_stays_in_the_inbox_for_a_retry(serve, tmp_path):
+    from tests.test_import import _small_file_size_limit
+
+    inbox = tmp_path / "inbox"
+    node = serve(None, toml=f'[inbox]\npath = "{inbox}"\nsettle_s = {SETTLE_S}\n',
+                 preexec_fn=_small_file_size_limit(1024 * 1024))  # writes past 1 MiB fail, like a full disk
+    [big] = corpus.save(corpus.ct_series(1, size=1024), tmp_path / "src")  # ~2 MiB
+    dropped = drop(big, inbox)
+    wait_until(lambda: "will retry" in node.log(), what="the failed store to be logged")
+    assert dropped.exists(), "a file the archive could not write must stay in the inbox"
+    assert not list((inbox / "rejected").iterdir())
