@@ -393,3 +393,17 @@ def test_kill_9_during_an_import_leaves_a_consistent_archive(tmp_path):
     open_archive(data).close()  # the next user of the archive repairs it
     assert_consistent(data)
     assert len(archive_state(data).rows) < 300, "the kill should land before the import ended"
+
+
+def test_a_full_disk_refuses_the_store_with_out_of_resources_and_keeps_serving(serve, tmp_path):
+    from tests.test_import import _small_file_size_limit
+
+    node = serve(tmp_path / "data", preexec_fn=_small_file_size_limit(1024 * 1024))  # like a full disk
+    [big] = corpus.save(corpus.ct_series(1, size=1024), tmp_path / "big")  # ~2 MiB
+    small = corpus.save(corpus.ct_series(2, size=8), tmp_path / "small")
+    proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(big))
+    assert "Refused: OutOfResources" in proc.stdout + proc.stderr
+    dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, small), check=True)
+    node.stop()
+    assert_consistent(tmp_path / "data")
+    assert set(archive_state(tmp_path / "data").rows) == {p.stem for p in small}
