@@ -407,3 +407,41 @@ def test_a_full_disk_refuses_the_store_with_out_of_resources_and_keeps_serving(s
     node.stop()
     assert_consistent(tmp_path / "data")
     assert set(archive_state(tmp_path / "data").rows) == {p.stem for p in small}
+
+
+def test_kill_9_during_a_stream_of_resent_instances_leaves_one_file_per_instance(serve, tmp_path):
+    series = corpus.ct_series(150, size=8)
+    originals = corpus.save(series, tmp_path / "v1")
+    node = serve(tmp_path / "data")
+    dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, originals), check=True)
+    for ds in series:
+        ds.ImageComments = "corrected"
+    corrected = corpus.save(series, tmp_path / "v2")
+    before = node.log().count("INFO dicomnode.archive: stored ")
+    storescu = subprocess.Popen(
+        [dcmtk_exe("storescu"), "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, corrected)],
+        env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(storescu.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: node.log().count("INFO dicomnode.archive: stored ") >= before + 40, timeout=60,
+                   what="the re-send to be under way")
+        node.kill()
+        storescu.wait(timeout=60)
+    finally:
+        if storescu.poll() is None:
+            storescu.kill()
+            storescu.wait()
+    reader.join(timeout=10)
+    acked = {Path(p).stem for p in acknowledged("".join(output))}
+    assert 0 < len(acked) < len(series)
+
+    serve(tmp_path / "data").stop()
+    assert_consistent(tmp_path / "data")
+    rows = archive_state(tmp_path / "data").rows
+    assert set(rows) == {str(ds.SOPInstanceUID) for ds in series}
+    for path in corrected:
+        if path.stem in acked:
+            assert dataset_bytes(tmp_path / "data" / "blobs" / rows[path.stem]) == dataset_bytes(path)
