@@ -129,7 +129,12 @@ class Inbox:
             before = path.stat()
         except FileNotFoundError:
             return
-        outcomes = list(import_items(self.archive, collect([path]), source))
+        outcomes = []
+        for outcome in import_items(self.archive, collect([path]), source):
+            outcomes.append(outcome)
+            if self._stop.is_set():  # shutting down in the middle of a zip: keep it for next time
+                log.info("inbox: stopping; %s will be taken again at the next start", path.name)
+                return
         try:
             after = path.stat()
         except FileNotFoundError:

@@ -244,3 +244,22 @@ def test_a_file_the_archive_cannot_write_stays_in_the_inbox_for_a_retry(serve, t
     wait_until(lambda: "will retry" in node.log(), what="the failed store to be logged")
     assert dropped.exists(), "a file the archive could not write must stay in the inbox"
     assert not list((inbox / "rejected").iterdir())
+
+
+def test_stopping_the_node_in_the_middle_of_a_zip_loses_nothing(start_node, inbox, tmp_path):
+    files = corpus.save(corpus.ct_series(200, size=8), tmp_path / "src")
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in files:
+            zf.write(path, path.name)
+    data = tmp_path / "data"
+    node = start_node(data, inbox={"path": str(inbox), "settle_s": SETTLE_S})
+    first = threading.Event()
+    node.archive.events.subscribe(InstanceStored, lambda event: first.set())
+    drop(archive, inbox)
+    assert first.wait(timeout=30), "the zip was never taken"
+    node.stop()  # while the zip is being imported
+    assert not list((inbox / "rejected").iterdir())
+    again = start_node(data, inbox={"path": str(inbox), "settle_s": SETTLE_S})
+    wait_until(lambda: not (inbox / "big.zip").exists(), timeout=60, what="the zip to be taken again")
+    assert {s.sop_instance_uid for s in again.archive.instances()} == {p.stem for p in files}
