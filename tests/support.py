@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -169,3 +171,30 @@ def archive_state(data_dir: Path) -> ArchiveState:
     files = {str(p.relative_to(blobs)) for p in blobs.rglob("*.dcm") if ".tmp" not in p.relative_to(blobs).parts}
     temp = [p.name for p in (blobs / ".tmp").iterdir()] if (blobs / ".tmp").is_dir() else []
     return ArchiveState(rows, files, temp, journal, integrity)
+
+
+# ------------------------------------------------------------------ peers and limits
+
+
+def acknowledged(storescu_output: str) -> list[str]:
+    """The files ``storescu -v`` reports as stored with status Success."""
+    done, current = [], None
+    for line in storescu_output.splitlines():
+        sending = re.match(r"I: Sending file: (.+)$", line)
+        if sending:
+            current = sending.group(1).strip()
+        elif "Received Store Response (Success)" in line and current:
+            done.append(current)
+            current = None
+    return done
+
+
+def file_size_limit(limit: int) -> Callable[[], None]:
+    """A ``preexec_fn``: in the child, writes past ``limit`` bytes fail (EFBIG) the way
+    they do on a full disk."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply

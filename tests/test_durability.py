@@ -3,8 +3,6 @@ row without its file nor file without its row; the archive repairs what a crash 
 half done; re-sending an instance replaces it."""
 from __future__ import annotations
 
-import re
-import signal
 import sqlite3
 import subprocess
 import threading
@@ -16,7 +14,7 @@ import pytest
 from storage import Archive, Conflict, Source
 from tests import corpus
 from tests.conftest import DCMTK_ENV, dcmtk, dcmtk_exe
-from tests.support import archive_state, serve, wait_until  # noqa: F401 (fixture)
+from tests.support import acknowledged, archive_state, file_size_limit, serve, wait_until  # noqa: F401
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -25,19 +23,6 @@ def dataset_bytes(path: Path) -> bytes:
     assert raw[128:132] == b"DICM"
     meta_len = int.from_bytes(raw[140:144], "little")
     return raw[144 + meta_len:]
-
-
-def acknowledged(storescu_output: str) -> list[str]:
-    """The files storescu -v reports as stored with status Success."""
-    done, current = [], None
-    for line in storescu_output.splitlines():
-        sending = re.match(r"I: Sending file: (.+)$", line)
-        if sending:
-            current = sending.group(1).strip()
-        elif "Received Store Response (Success)" in line and current:
-            done.append(current)
-            current = None
-    return done
 
 
 def assert_consistent(data_dir: Path) -> None:
@@ -396,9 +381,7 @@ def test_kill_9_during_an_import_leaves_a_consistent_archive(tmp_path):
 
 
 def test_a_full_disk_refuses_the_store_with_out_of_resources_and_keeps_serving(serve, tmp_path):
-    from tests.test_import import _small_file_size_limit
-
-    node = serve(tmp_path / "data", preexec_fn=_small_file_size_limit(1024 * 1024))  # like a full disk
+    node = serve(tmp_path / "data", preexec_fn=file_size_limit(1024 * 1024))  # like a full disk
     [big] = corpus.save(corpus.ct_series(1, size=1024), tmp_path / "big")  # ~2 MiB
     small = corpus.save(corpus.ct_series(2, size=8), tmp_path / "small")
     proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(big))

@@ -18,7 +18,7 @@ import pytest
 
 from tests import corpus
 from tests.conftest import REPO, run_cli
-from tests.support import archive_state, write_toml
+from tests.support import archive_state, file_size_limit, write_toml
 
 
 @pytest.fixture
@@ -278,24 +278,12 @@ def test_import_interrupted_with_ctrl_c_reports_how_far_it_got(tmp_path, data_di
     assert "Traceback" not in err
 
 
-def _small_file_size_limit(limit: int):
-    """For a child process: writes past ``limit`` bytes fail (EFBIG), like a full disk."""
-    import resource
-    import signal
-
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 def test_import_reports_an_archive_write_failure_as_such_not_as_a_bad_file(tmp_path, data_dir):
     [big] = corpus.save(corpus.ct_series(1, size=1024), tmp_path / "in")  # ~2 MiB
     proc = subprocess.run(
         [sys.executable, "-m", "cli.main", "import", "--data", str(data_dir), str(big)],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        timeout=120, preexec_fn=_small_file_size_limit(1024 * 1024),
+        timeout=120, preexec_fn=file_size_limit(1024 * 1024),
     )
     assert proc.returncode == 1
     assert f"failed {big}: the archive could not write" in proc.stdout

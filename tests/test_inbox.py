@@ -12,7 +12,7 @@ import pytest
 
 from storage import InstanceStored
 from tests import corpus
-from tests.support import serve, wait_until  # noqa: F401 (fixture)
+from tests.support import file_size_limit, serve, wait_until  # noqa: F401 (fixture)
 
 SETTLE_S = 1.0  # generous: the writer in the slow-write test pauses far less
 
@@ -234,11 +234,9 @@ def test_the_inbox_keeps_working_after_a_file_it_could_not_move(inbox_node, inbo
 
 
 def test_a_file_the_archive_cannot_write_stays_in_the_inbox_for_a_retry(serve, tmp_path):
-    from tests.test_import import _small_file_size_limit
-
     inbox = tmp_path / "inbox"
     node = serve(None, toml=f'[inbox]\npath = "{inbox}"\nsettle_s = {SETTLE_S}\n',
-                 preexec_fn=_small_file_size_limit(1024 * 1024))  # writes past 1 MiB fail, like a full disk
+                 preexec_fn=file_size_limit(1024 * 1024))  # writes past 1 MiB fail, like a full disk
     [big] = corpus.save(corpus.ct_series(1, size=1024), tmp_path / "src")  # ~2 MiB
     dropped = drop(big, inbox)
     wait_until(lambda: "will retry" in node.log(), what="the failed store to be logged")

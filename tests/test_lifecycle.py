@@ -12,9 +12,8 @@ from typing import Iterator
 import pytest
 
 from tests import corpus
-from tests.conftest import DCMTK_ENV, dcmtk, dcmtk_exe, free_port
-from tests.support import archive_state, serve, wait_until  # noqa: F401 (fixture)
-from tests.test_durability import acknowledged
+from tests.conftest import DCMTK_ENV, dcmtk, dcmtk_exe
+from tests.support import acknowledged, archive_state, serve, wait_until  # noqa: F401 (fixture)
 
 
 def test_serve_answers_healthz_and_echo(serve):
