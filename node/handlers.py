@@ -173,12 +173,13 @@ def handle_find(event: Event, ctx: NodeContext) -> Iterator[tuple[int, Dataset |
         identifier = event.identifier
         level, keys = identifier_keys(identifier)
         query = Query(level, keys, root=root, organizations=(peer.organization,))
-        matches = ctx.archive.find(query, is_cancelled=lambda: event.is_cancelled)
+        cancelled = CancelLatch(event)
+        matches = ctx.archive.find(query, is_cancelled=cancelled)
         count = 0
         for values in matches:
             yield 0xFF00, response_dataset(values, level, identifier, ctx.settings.ae.title)
             count += 1
-        if event.is_cancelled:
+        if cancelled():
             log.info("C-FIND from %s@%s cancelled after %d match(es)", peer.calling_ae, peer.address, count)
             yield 0xFE00, None
             return
@@ -190,6 +191,20 @@ def handle_find(event: Event, ctx: NodeContext) -> Iterator[tuple[int, Dataset |
         yield status, None
         return
     yield 0x0000, None
+
+
+class CancelLatch:
+    """``event.is_cancelled`` is true only once (pynetdicom consumes the C-CANCEL when
+    it reports it); this remembers it for the rest of the operation."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self.cancelled = False
+
+    def __call__(self) -> bool:
+        if not self.cancelled and self.event.is_cancelled:
+            self.cancelled = True
+        return self.cancelled
 
 
 def _retrieve_set(event: Event, ctx: NodeContext, root_uid: str) -> list:
@@ -251,8 +266,9 @@ def handle_get(event: Event, ctx: NodeContext) -> Iterator[Any]:
 
 
 def _send_each(event: Event, ctx: NodeContext, instances: list) -> Iterator[tuple[int, Dataset | None]]:
+    cancelled = CancelLatch(event)
     for stored in instances:
-        if event.is_cancelled:
+        if cancelled():
             yield 0xFE00, None
             return
         try:
