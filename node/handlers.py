@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
 
 from config import Settings
 from storage import Archive, ArchiveError, Query, Source
@@ -193,6 +194,13 @@ def handle_find(event: Event, ctx: NodeContext) -> Iterator[tuple[int, Dataset |
     yield 0x0000, None
 
 
+@dataclass(frozen=True)
+class UnreadableInstance:
+    """Stands in for a dataset that could not be read from the archive."""
+
+    sop_instance_uid: str
+
+
 class CancelLatch:
     """``event.is_cancelled`` is true only once (pynetdicom consumes the C-CANCEL when
     it reports it); this remembers it for the rest of the operation."""
@@ -233,7 +241,10 @@ def handle_move(event: Event, ctx: NodeContext) -> Iterator[Any]:
     except ArchiveError as exc:
         status = status_for(exc, RETRIEVE_STATUS)
         peer.failures[f"C-MOVE 0x{status:04X}"] += 1
-        yield target.host, target.port
+        log.warning("C-MOVE from %s@%s refused (0x%04X): %s", peer.calling_ae, peer.address, status, exc.message)
+        # pynetdicom reports a status only after a destination and a non-zero count
+        yield target.host, target.port, {"contexts": [build_context(Verification)]}
+        yield 1
         yield status, None
         return
     contexts = storage_contexts(instances)
@@ -257,7 +268,8 @@ def handle_get(event: Event, ctx: NodeContext) -> Iterator[Any]:
     except ArchiveError as exc:
         status = status_for(exc, RETRIEVE_STATUS)
         peer.failures[f"C-GET 0x{status:04X}"] += 1
-        yield 0
+        log.warning("C-GET from %s@%s refused (0x%04X): %s", peer.calling_ae, peer.address, status, exc.message)
+        yield 1  # pynetdicom reports a status only after a non-zero count
         yield status, None
         return
     log.info("C-GET from %s@%s: %d instance(s)", peer.calling_ae, peer.address, len(instances))
@@ -275,8 +287,9 @@ def _send_each(event: Event, ctx: NodeContext, instances: list) -> Iterator[tupl
             ds = ctx.archive.read_dataset(stored)
         except (ArchiveError, OSError, pydicom.errors.InvalidDicomError) as exc:
             log.error("cannot read stored instance %s: %s", stored.sop_instance_uid, exc)
-            # pynetdicom counts a non-Dataset as a failed sub-operation
-            yield 0xFF00, None  # type: ignore[misc]
+            # pynetdicom counts a pending yield that is not a Dataset as a failed
+            # sub-operation, so the final status becomes 0xB000 (warning)
+            yield 0xFF00, UnreadableInstance(stored.sop_instance_uid)  # type: ignore[misc]
             continue
         yield 0xFF00, ds
 
