@@ -91,7 +91,9 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
     """Access control at association time: unknown peers (when required) are rejected
     with A-ASSOCIATE-RJ, calling-AE-not-recognized."""
     assoc = event.assoc
-    calling = assoc.requestor.ae_title.strip()
+    request = assoc.requestor.primitive  # the A-ASSOCIATE-RQ; requestor.ae_title is set later
+    calling = str(request.calling_ae_title).strip()
+    called = str(request.called_ae_title).strip()
     host = assoc.requestor.address
     if ctx.settings.ae.require_known_peers:
         peer = ctx.settings.peer(calling)
@@ -99,16 +101,22 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
             why = "unknown calling AE title" if peer is None else f"host {host} is not {peer.host}"
             log.warning("rejected association from %s@%s: %s (add it to [[peers]] in ae.toml)", calling, host, why)
             ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            _reject(assoc, 0x03)
             return
-    called = assoc.requestor.primitive.called_ae_title.strip() if assoc.requestor.primitive else ""
     if ctx.settings.ae.require_called_ae_title and called != ctx.settings.ae.title:
         log.warning(
             "rejected association from %s@%s: called AE title %r is not ours (%r)",
             calling, host, called, ctx.settings.ae.title,
         )
         ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
-        assoc.acse.send_reject(0x01, 0x01, 0x07)
+        _reject(assoc, 0x07)
+
+
+def _reject(assoc, diagnostic: int) -> None:
+    """A-ASSOCIATE-RJ (permanent, service user, ``diagnostic``), then wait for the DUL
+    to send it before the connection closes, as pynetdicom's own rejections do."""
+    assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    assoc.kill()
 
 
 def _same_host(configured: str, actual: str) -> bool:
