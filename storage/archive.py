@@ -446,7 +446,8 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
     except Exception as exc:
         raise NotDicom(f"not a DICOM file: {exc}") from exc
     if fh.tell() > size:
-        raise InvalidInstance(f"the dataset is truncated: it declares {fh.tell()} bytes but has {size}")
+        # cannot be understood as sent: C-STORE 0xC000, not "does not match SOP class"
+        raise NotDicom(f"the dataset is truncated or corrupt: its elements need {fh.tell()} bytes but it has {size}")
     tsuid = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
     if has_meta and tsuid is None:
         has_meta = False
