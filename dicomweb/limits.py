@@ -1,0 +1,93 @@
+"""Plans, per-plan rate limits and monthly quotas.
+
+The rate limit applies to every call an API key makes (the auth middleware asks
+:class:`RateLimiter`); a family meters a route with :func:`monthly_quota`, which reads the
+month's count the middleware recorded for this caller and route (usage counters live in
+the identity store, so they survive a restart).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from aiohttp import web
+
+from .auth import Handler
+
+MONTH_USAGE = "dicomnode.month_usage"  # request key: this caller's calls to this route this month
+MONTHLY_QUOTA = 1000  # seed 003: calls a month per developer on /api/dicom/read/file/
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    requests_per_minute: int | None  # None: unlimited
+    max_study_bytes: int | None  # None: unlimited (seed 000)
+
+
+PLANS = {
+    "developer": Plan("developer", 60, 500 * 1024**2),
+    "professional": Plan("professional", 600, 4 * 1024**3),
+    "enterprise": Plan("enterprise", None, None),
+}
+
+
+def plan(name: str | None) -> Plan | None:
+    return PLANS.get(name) if name else None
+
+
+class RateLimiter:
+    """Sliding one-minute window per credential, in this process."""
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self._calls: dict[str, deque[float]] = {}
+
+    def retry_after(self, credential: str, per_window: int | None) -> int | None:
+        """Seconds to wait when this call is over the limit (not counted), else None (counted)."""
+        if per_window is None:
+            return None
+        now = self.clock()
+        calls = self._calls.setdefault(credential, deque())
+        while calls and calls[0] <= now - self.window_s:
+            calls.popleft()
+        if len(calls) >= per_window:
+            return max(1, math.ceil(calls[0] + self.window_s - now))
+        calls.append(now)
+        return None
+
+
+def monthly_quota(limit: int = MONTHLY_QUOTA) -> Callable[[Handler], Handler]:
+    """Refuse a route (429, seed 003 body) once the caller used it ``limit`` times this
+    month. Put it under :func:`requires`; refused calls count too, as the seed shows."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def metered(request: web.Request) -> web.StreamResponse:
+            used = request.get(MONTH_USAGE)
+            if used is not None and used > limit:
+                route = request.match_info.route.resource.canonical
+                body = {"error": f"Monthly API request for '{route}' limit exceeded.", "quota": limit,
+                        "requests_used": used}
+                raise web.HTTPTooManyRequests(
+                    text=json.dumps(body), content_type="application/json",
+                    headers={"Retry-After": str(seconds_to_next_month())},
+                )
+            return await handler(request)
+
+        return metered
+
+    return wrap
+
+
+def seconds_to_next_month(now: float | None = None) -> int:
+    today = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
+    first = datetime(today.year + today.month // 12, today.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return max(1, math.ceil(first.timestamp() - today.timestamp()))
