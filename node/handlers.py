@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -17,6 +18,7 @@ from pynetdicom.presentation import build_context
 
 from config import Settings
 from storage import Archive, ArchiveError, Query, Source
+from storage.identity import AuditEntry
 from storage.attributes import UNIQUE_KEY
 
 from .datasets import identifier_keys, response_dataset
@@ -97,6 +99,7 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
         if peer is None or not _same_host(peer.host, host):
             why = "unknown calling AE title" if peer is None else f"host {host} is not {peer.host}"
             log.warning("rejected association from %s@%s: %s (add it to [[peers]] in ae.toml)", calling, host, why)
+            _audit(ctx, calling, host, peer.organization if peer else None, "rejected", why)
             ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             return
@@ -106,6 +109,7 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
             "rejected association from %s@%s: called AE title %r is not ours (%r)",
             calling, host, called, ctx.settings.ae.title,
         )
+        _audit(ctx, calling, host, None, "rejected", f"called AE title {called!r} is not ours")
         ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
         assoc.acse.send_reject(0x01, 0x01, 0x07)
 
@@ -137,6 +141,18 @@ def handle_closed(event: Event, ctx: NodeContext) -> None:
         "association from %s@%s %s: %s%s", peer.calling_ae, peer.address, how, ops,
         f"; failures: {fails}" if fails else "",
     )
+    _audit(ctx, peer.calling_ae, peer.address, peer.organization, how, ops + (f"; failures: {fails}" if fails else ""))
+
+
+def _audit(ctx: NodeContext, calling_ae: str, address: str, organization: str | None, outcome: str,
+           detail: str) -> None:
+    """Append one association to the audit log (calling AE, address, what it did)."""
+    entry = AuditEntry(time.time(), "dimse", calling_ae, "peer", organization, "association", None, outcome,
+                       address, detail)
+    try:
+        ctx.archive.identity.append_audit(entry)
+    except ArchiveError as exc:
+        log.error("could not audit the association from %s@%s: %s", calling_ae, address, exc.message)
 
 
 # ---------------------------------------------------------------- services
