@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from storage.identity import ApiKey, IdentityStore, InvalidIdentityInput, check_scopes
+from storage.identity import ApiKey, IdentityStore, InvalidIdentityInput, check_scopes, parse_time
 
 from .auth import Principal, audit_as, principal, public, requires
 from .credentials import in_thread as _in_thread
@@ -238,21 +238,6 @@ async def audit_log(request: web.Request) -> web.Response:
         limit=limit,
     ))
     return web.json_response({"entries": [entry.as_json() for entry in entries]})
-
-
-def parse_time(text: str) -> float:
-    """ISO 8601 (a date, or a time with offset; naive means UTC) or epoch seconds."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"{text!r} is not an ISO 8601 time or epoch seconds") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
 
 
 # --------------------------------------------------------------------------- helpers

@@ -275,6 +275,21 @@ def _check_name(what: str, value: str) -> str:
     return value
 
 
+def parse_time(text: str) -> float:
+    """ISO 8601 (a date, or a date and time; without an offset it is UTC) or epoch seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidIdentityInput(f"{text!r} is not an ISO 8601 time or epoch seconds") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
 def _day(at: float) -> str:
     return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d")
 
