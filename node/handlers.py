@@ -92,7 +92,8 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
     """Access control at association time: unknown peers (when required) are rejected
     with A-ASSOCIATE-RJ, calling-AE-not-recognized."""
     assoc = event.assoc
-    calling = assoc.requestor.ae_title.strip()
+    # requestor.ae_title is only filled in after EVT_REQUESTED; the request carries it
+    calling = _text(assoc.requestor.primitive.calling_ae_title) if assoc.requestor.primitive else ""
     host = assoc.requestor.address
     if ctx.settings.ae.require_known_peers:
         peer = ctx.settings.peer(calling)
@@ -112,6 +113,10 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
         _audit(ctx, calling, host, None, "rejected", f"called AE title {called!r} is not ours")
         ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
         assoc.acse.send_reject(0x01, 0x01, 0x07)
+
+
+def _text(value: str | bytes) -> str:
+    return (value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)).strip()
 
 
 def _same_host(configured: str, actual: str) -> bool:
