@@ -15,7 +15,8 @@ from . import identity_routes, operations
 from .auth import make_auth_middleware
 from .credentials import IdentityService
 from .errors import error_middleware
-from .keys import ARCHIVE, EXECUTOR, SETTINGS, TOKEN_SIGNER
+from .keys import ARCHIVE, EXECUTOR, LOGIN_LIMITER, SETTINGS, TOKEN_SIGNER
+from .limits import RateLimiter
 from .tokens import signer_for
 
 log = logging.getLogger("dicomnode.http")
@@ -62,6 +63,7 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     app[SETTINGS] = settings
     app[ARCHIVE] = archive
     app[TOKEN_SIGNER] = signer
+    app[LOGIN_LIMITER] = RateLimiter()
 
     async def executor_ctx(app: web.Application):
         pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="http-archive")

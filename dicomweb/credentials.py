@@ -9,18 +9,22 @@ appends the audit row.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from typing import Any, Callable
 
 from aiohttp import web
 
+from storage import ArchiveError
 from storage.identity import DEFAULT_SCOPES, AuditEntry, IdentityStore
 
 from .auth import AUDIT_ACTOR, AUDIT_STUDY, AUTH_FAILURE, Principal
 from .keys import EXECUTOR
-from .limits import MONTH_USAGE, RateLimiter, plan
+from .limits import RateLimiter, plan
 from .tokens import ACCESS, InvalidToken, TokenSigner, looks_like_jwt
+
+log = logging.getLogger("dicomnode.auth")
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _STUDY_PARAMETERS = ("study_uid", "studyUID", "StudyInstanceUID", "study")
@@ -85,22 +89,28 @@ class IdentityService:
 
     # ------------------------------------------------------------------ around the handler
     async def admit(self, request: web.Request, who: Principal) -> None:
+        """Refuse (429, Retry-After) an API key over its plan's rate."""
         limits = plan(who.plan)
-        if limits is not None and who.credential_id is not None:
-            wait = self.limiter.retry_after(who.credential_id, limits.requests_per_minute)
-            if wait is not None:
-                raise web.HTTPTooManyRequests(
-                    text=f"rate limit of the {limits.name} plan ({limits.requests_per_minute} requests/min) "
-                    f"exceeded; retry in {wait} s",
-                    headers={"Retry-After": str(wait)},
-                )
-        owner = who.usage_owner
-        if owner is not None and request.match_info.route.resource is not None:
-            route = request.match_info.route.resource.canonical
-            request[MONTH_USAGE] = await in_thread(request, self.store.count_usage, owner, route)
+        if limits is None or who.credential_id is None:
+            return
+        wait = self.limiter.retry_after(who.credential_id, limits.requests_per_minute)
+        if wait is not None:
+            raise web.HTTPTooManyRequests(
+                text=f"rate limit of the {limits.name} plan ({limits.requests_per_minute} requests/min) "
+                f"exceeded; retry in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
 
     async def record(self, request: web.Request, who: Principal | None, status: int) -> None:
-        await in_thread(request, self.store.append_audit, audit_entry(request, who, status))
+        """Append the audit row and count the call against its owner, in one transaction.
+        A failure is logged; the answer already given stands."""
+        usage = None
+        if who is not None and who.usage_owner is not None and request.match_info.route.resource is not None:
+            usage = (who.usage_owner, request.match_info.route.resource.canonical)
+        try:
+            await in_thread(request, self.store.record_request, audit_entry(request, who, status), usage)
+        except ArchiveError as exc:
+            log.error("could not audit %s %s: %s", request.method, request.path, exc.message)
 
 
 def audit_entry(request: web.Request, who: Principal | None, status: int) -> AuditEntry:
@@ -118,7 +128,7 @@ def audit_entry(request: web.Request, who: Principal | None, status: int) -> Aud
         study_uid=study_of(request),
         outcome=str(status),
         remote=request.remote or "",
-        detail=request.get(AUTH_FAILURE, "") if status == 401 else "",
+        detail=request.get(AUTH_FAILURE, "") if status == 401 and AUDIT_ACTOR not in request else "",
     )
 
 

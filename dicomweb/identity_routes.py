@@ -22,12 +22,13 @@ from storage.identity import ApiKey, IdentityStore, InvalidIdentityInput, check_
 
 from .auth import Principal, audit_as, principal, public, requires
 from .credentials import in_thread as _in_thread
-from .keys import ARCHIVE, TOKEN_SIGNER
+from .keys import ARCHIVE, LOGIN_LIMITER, TOKEN_SIGNER
 from .tokens import ACCESS, ACCESS_TTL_S, CLIENT_TTL_S, REFRESH, REFRESH_TTL_S, InvalidToken
 
 routes = web.RouteTableDef()
 
 AUDIT_PAGE_MAX = 1000
+LOGIN_ATTEMPTS_PER_MINUTE = 20  # per client address, over the token endpoints
 
 
 # --------------------------------------------------------------------------- seed 003 tokens
@@ -40,6 +41,7 @@ async def obtain_token(request: web.Request) -> web.Response:
     body = await _json_object(request)
     email, password = _text(body, "email"), _text(body, "password")
     audit_as(request, email, "user")
+    _throttle_logins(request)
     user = await _in_thread(request, _store(request).check_password, email, password)
     if user is None:
         raise web.HTTPUnauthorized(text="no active account found with the given credentials")
@@ -57,6 +59,7 @@ async def obtain_token(request: web.Request) -> web.Response:
 async def refresh_token(request: web.Request) -> web.Response:
     """A refresh token -> a new access token (while the account exists)."""
     body = await _json_object(request)
+    _throttle_logins(request)
     try:
         claims = request.app[TOKEN_SIGNER].verify(_text(body, "refresh"), REFRESH)
     except InvalidToken as exc:
@@ -171,6 +174,7 @@ async def oauth2_token_get(request: web.Request) -> web.Response:
 async def _client_token(request: web.Request, client_id: str, secret: str, grant_type: str,
                         scope: str | None) -> web.Response:
     audit_as(request, client_id, "client")
+    _throttle_logins(request)
     if grant_type != "client_credentials":
         return _oauth_error(400, "unsupported_grant_type", "only client_credentials is supported")
     client = await _in_thread(request, _store(request).check_client, client_id, secret) if client_id else None
@@ -241,6 +245,14 @@ async def audit_log(request: web.Request) -> web.Response:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _throttle_logins(request: web.Request) -> None:
+    """Password and secret guessing: at most LOGIN_ATTEMPTS_PER_MINUTE a minute per address."""
+    wait = request.app[LOGIN_LIMITER].retry_after(f"login:{request.remote}", LOGIN_ATTEMPTS_PER_MINUTE)
+    if wait is not None:
+        raise web.HTTPTooManyRequests(text=f"too many token requests from this address; retry in {wait} s",
+                                      headers={"Retry-After": str(wait)})
 
 
 def _store(request: web.Request) -> IdentityStore:

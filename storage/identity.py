@@ -472,23 +472,16 @@ class IdentityStore:
         return self.index.write(delete)
 
     # -- usage counters
-    def count_usage(self, owner: str, route: str, at: float | None = None, calls: int = 1) -> int:
-        """Add ``calls`` to today's counter; returns this month's total for ``route``."""
-        at = time.time() if at is None else at
-        day, month = _day(at), _month_start(at)
+    def count_usage(self, owner: str, route: str, at: float | None = None, calls: int = 1) -> None:
+        """Add ``calls`` to ``owner``'s counter of ``route`` for the day of ``at``."""
+        self.index.write(lambda conn: _count_usage(conn, owner, route, time.time() if at is None else at, calls))
 
-        def count(conn: sqlite3.Connection) -> int:
-            conn.execute(
-                "INSERT INTO usage (owner, route, day, count) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (owner, route, day) DO UPDATE SET count = count + excluded.count",
-                (owner, route, day, calls),
-            )
-            return conn.execute(
-                "SELECT coalesce(sum(count), 0) FROM usage WHERE owner = ? AND route = ? AND day >= ?",
-                (owner, route, month),
-            ).fetchone()[0]
-
-        return self.index.write(count)
+    def month_usage(self, owner: str, route: str, at: float | None = None) -> int:
+        """``owner``'s calls to ``route`` in the month of ``at`` (UTC)."""
+        return self.index.reader().execute(
+            "SELECT coalesce(sum(count), 0) FROM usage WHERE owner = ? AND route = ? AND day >= ?",
+            (owner, route, _month_start(time.time() if at is None else at)),
+        ).fetchone()[0]
 
     def activity_summary(self, owner: str, at: float | None = None) -> ActivitySummary:
         month = _month_start(time.time() if at is None else at)
@@ -500,14 +493,17 @@ class IdentityStore:
 
     # -- audit
     def append_audit(self, entry: AuditEntry) -> int:
-        return self.index.write(
-            lambda conn: conn.execute(
-                "INSERT INTO audit (at, channel, actor, actor_kind, organization, action, study_uid, outcome, "
-                "remote, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.at, entry.channel, entry.actor, entry.actor_kind, entry.organization, entry.action,
-                 entry.study_uid, entry.outcome, entry.remote, entry.detail),
-            ).lastrowid
-        )
+        return self.index.write(lambda conn: _append_audit(conn, entry))
+
+    def record_request(self, entry: AuditEntry, usage: tuple[str, str] | None) -> None:
+        """Audit a request and, for ``usage`` = (owner, route), count it: one transaction."""
+
+        def record(conn: sqlite3.Connection) -> None:
+            _append_audit(conn, entry)
+            if usage is not None:
+                _count_usage(conn, *usage, entry.at, 1)
+
+        self.index.write(record)
 
     def audit_entries(
         self,
@@ -536,6 +532,23 @@ class IdentityStore:
         sql += " ORDER BY pk DESC LIMIT ?"
         params.append(limit)
         return [AuditEntry(*row) for row in self.index.reader().execute(sql, params)]
+
+
+def _append_audit(conn: sqlite3.Connection, entry: AuditEntry) -> int:
+    return conn.execute(
+        "INSERT INTO audit (at, channel, actor, actor_kind, organization, action, study_uid, outcome, remote, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (entry.at, entry.channel, entry.actor, entry.actor_kind, entry.organization, entry.action, entry.study_uid,
+         entry.outcome, entry.remote, entry.detail),
+    ).lastrowid
+
+
+def _count_usage(conn: sqlite3.Connection, owner: str, route: str, at: float, calls: int) -> None:
+    conn.execute(
+        "INSERT INTO usage (owner, route, day, count) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (owner, route, day) DO UPDATE SET count = count + excluded.count",
+        (owner, route, _day(at), calls),
+    )
 
 
 _KEY_COLUMNS = "pk, name, prefix, organization, plan, admin, scopes, user_pk, created_at"

@@ -207,3 +207,13 @@ def test_client_token_outside_its_scopes_gets_403(credentials, client):
     token = requests.post(credentials.url("/oauth2/token"), auth=(record.client_id, secret),
                           data={"grant_type": "client_credentials"}).json()["access_token"]
     assert requests.get(credentials.url("/api/audit"), headers=bearer(token)).status_code == 403
+
+
+def test_password_guessing_is_throttled_per_address_with_429(credentials):
+    credentials.store.create_user("guessed@example.com", PASSWORD)
+    guesses = [requests.post(credentials.url("/api/token/"), json={"email": "guessed@example.com",
+                                                                   "password": f"guess-{n}"}).status_code
+               for n in range(21)]
+    assert guesses == [401] * 20 + [429]
+    refused = requests.post(credentials.url("/api/token/"), json={"email": "guessed@example.com", "password": PASSWORD})
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1

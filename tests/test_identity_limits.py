@@ -126,4 +126,4 @@ def test_usage_counters_survive_a_restart(start_node, tmp_path):
     first.stop()
     second = start_node(tmp_path / "data", auth={"required": True})
     summary = requests.get(second.base_url + SUMMARY, headers=bearer(key)).json()
-    assert summary["monthly_total"] == 4
+    assert summary["monthly_total"] == 3
