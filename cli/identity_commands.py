@@ -22,7 +22,8 @@ from storage.sqlite_index import SQLiteIndex
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-def add_identity_commands(sub: argparse._SubParsersAction, config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_identity_commands(sub: argparse._SubParsersAction,
+                          config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
     _user_commands(sub, config_arg)
     _client_commands(sub, config_arg)
     _key_commands(sub, config_arg)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import unquote
@@ -29,6 +28,7 @@ routes = web.RouteTableDef()
 
 AUDIT_PAGE_MAX = 1000
 LOGIN_ATTEMPTS_PER_MINUTE = 20  # per client address, over the token endpoints
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # answers that carry secrets
 
 
 # --------------------------------------------------------------------------- seed 003 tokens
@@ -51,7 +51,7 @@ async def obtain_token(request: web.Request) -> web.Response:
     return web.json_response({
         "refresh": signer.issue(subject, REFRESH, REFRESH_TTL_S),
         "access": signer.issue(subject, ACCESS, ACCESS_TTL_S),
-    })
+    }, headers=_NO_STORE)
 
 
 @routes.post("/api/token/refresh/")
@@ -69,7 +69,8 @@ async def refresh_token(request: web.Request) -> web.Response:
     if user is None:
         raise web.HTTPUnauthorized(text="refresh refused: the account no longer exists")
     audit_as(request, user.email, "user", user.organization)
-    return web.json_response({"access": request.app[TOKEN_SIGNER].issue(claims.subject, ACCESS, ACCESS_TTL_S)})
+    return web.json_response({"access": request.app[TOKEN_SIGNER].issue(claims.subject, ACCESS, ACCESS_TTL_S)},
+                             headers=_NO_STORE)
 
 
 # --------------------------------------------------------------------------- developer profiles
@@ -124,7 +125,7 @@ async def create_api_key(request: web.Request) -> web.Response:
     record, key = await _in_thread(
         request, lambda: store.create_api_key(name, organization=who.storing_organization, user_pk=who.user_pk)
     )
-    return web.json_response({"id": record.pk, "name": record.name, "key": key}, status=201)
+    return web.json_response({"id": record.pk, "name": record.name, "key": key}, status=201, headers=_NO_STORE)
 
 
 @routes.delete("/api-keys/delete/{pk}/")
@@ -193,9 +194,6 @@ async def _client_token(request: web.Request, client_id: str, secret: str, grant
         {"access_token": token, "token_type": "Bearer", "expires_in": CLIENT_TTL_S, "scope": " ".join(wanted)},
         headers=_NO_STORE,
     )
-
-
-_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 def _oauth_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -1,7 +1,13 @@
 """Credentials for tests against a real node, and the access matrix every family's
 routes should pass: no credentials / bad token / expired token / another organization's
 credential / wrong scope / right credential -> 401 / 401 / 401 / 404 / 403 / success,
-with an audit row for each."""
+with an audit row for each.
+
+A family whose route reads organization-owned data stores that data as organization
+"local" (``Source(..., organization="local")``, the right credential's organization) and
+calls ``check_access_matrix(credentials, "GET", f"/dicomweb/studies/{uid}/metadata",
+scope="dicomweb.read", other_organization=True)``: a key of organization "elsewhere"
+must then get 404."""
 from __future__ import annotations
 
 import time
@@ -98,5 +104,6 @@ def check_access_matrix(credentials: Credentials, method: str, path: str, *, sco
         outcomes[case.name] = answer.status_code
         assert answer.status_code == case.expected, (case.name, answer.status_code, answer.text)
         rows = credentials.store.audit_entries(limit=credentials.audit_count() - before)
-        assert [(r.action, r.outcome) for r in rows] == [(f"{method} {path.split('?')[0]}", str(case.expected))], case.name
+        expected_row = (f"{method} {path.split('?')[0]}", str(case.expected))
+        assert [(r.action, r.outcome) for r in rows] == [expected_row], case.name
     return outcomes
