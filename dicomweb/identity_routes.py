@@ -165,6 +165,7 @@ async def oauth2_token_get(request: web.Request) -> web.Response:
     """``GET <oauth2_endpoint>/token`` as seeds 001 and 002 call it: HTTP Basic only, so
     that the secret never sits in a URL (or a log line)."""
     if "client_secret" in request.query:
+        audit_as(request, request.query.get("client_id", ""), "client")
         return _oauth_error(400, "invalid_request",
                             "send the client credentials with HTTP Basic, never in the query string")
     client_id, secret = _basic_credentials(request)

@@ -50,12 +50,18 @@ class RateLimiter:
         self.window_s = window_s
         self.clock = clock
         self._calls: dict[str, deque[float]] = {}
+        self._checks = 0
+
+    SWEEP_EVERY = 4096  # calls between sweeps of idle credentials (keeps memory bounded)
 
     def retry_after(self, credential: str, per_window: int | None) -> int | None:
         """Seconds to wait when this call is over the limit (not counted), else None (counted)."""
         if per_window is None:
             return None
         now = self.clock()
+        self._checks += 1
+        if self._checks % self.SWEEP_EVERY == 0:
+            self._sweep(now)
         calls = self._calls.setdefault(credential, deque())
         while calls and calls[0] <= now - self.window_s:
             calls.popleft()
@@ -63,6 +69,14 @@ class RateLimiter:
             return max(1, math.ceil(calls[0] + self.window_s - now))
         calls.append(now)
         return None
+
+    def _sweep(self, now: float) -> None:
+        idle = [name for name, calls in self._calls.items() if not calls or calls[-1] <= now - self.window_s]
+        for name in idle:
+            del self._calls[name]
+
+    def tracked(self) -> int:
+        return len(self._calls)
 
 
 def monthly_quota(limit: int = MONTHLY_QUOTA) -> Callable[[Handler], Handler]:

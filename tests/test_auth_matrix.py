@@ -139,3 +139,11 @@ def test_archive_hides_another_organizations_study(tmp_path):
         assert [m["StudyInstanceUID"] for m in archive.find(own)] == [study_uid]
     finally:
         archive.close()
+
+
+def test_with_auth_off_a_delete_is_still_audited(start_node):
+    node = start_node(auth={"required": False})
+    answer = requests.delete(node.base_url + "/api-keys/delete/1/")
+    assert answer.status_code == 403  # anonymous is no developer account
+    row = node.archive.identity.audit_entries(limit=1)[0]
+    assert (row.action, row.actor_kind, row.outcome) == ("DELETE /api-keys/delete/1/", "anonymous", "403")

@@ -217,3 +217,14 @@ def test_password_guessing_is_throttled_per_address_with_429(credentials):
     assert guesses == [401] * 20 + [429]
     refused = requests.post(credentials.url("/api/token/"), json={"email": "guessed@example.com", "password": PASSWORD})
     assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+
+
+def test_configured_secret_signs_tokens_and_no_secret_file_is_made(start_node):
+    secret = "a configured secret of at least thirty-two bytes"
+    node = start_node(auth={"required": True, "secret": secret})
+    user = node.archive.identity.create_user("configured@example.com", PASSWORD)
+    now = int(time.time())
+    token = jwt.encode({"iss": "dicomnode", "sub": f"user:{user.pk}", "typ": "access", "iat": now, "exp": now + 60},
+                       secret, algorithm="HS256")
+    assert requests.get(node.base_url + SUMMARY, headers=bearer(token)).status_code == 200
+    assert not (node.data_dir / SECRET_FILE).exists()

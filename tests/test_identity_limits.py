@@ -127,3 +127,13 @@ def test_usage_counters_survive_a_restart(start_node, tmp_path):
     second = start_node(tmp_path / "data", auth={"required": True})
     summary = requests.get(second.base_url + SUMMARY, headers=bearer(key)).json()
     assert summary["monthly_total"] == 3
+
+
+def test_rate_limiter_forgets_idle_credentials():
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    for n in range(RateLimiter.SWEEP_EVERY - 1):
+        limiter.retry_after(f"address:{n}", 20)
+    now[0] = 61.0
+    limiter.retry_after("address:last", 20)
+    assert limiter.tracked() == 1
