@@ -11,15 +11,18 @@ from aiohttp import web
 from config import Settings
 from storage import Archive
 
-from . import operations
+from . import identity_routes, operations
 from .auth import make_auth_middleware
+from .credentials import IdentityService
 from .errors import error_middleware
-from .keys import ARCHIVE, EXECUTOR, SETTINGS
+from .keys import ARCHIVE, EXECUTOR, LOGIN_LIMITER, SETTINGS, TOKEN_SIGNER
+from .limits import RateLimiter
+from .tokens import signer_for
 
 log = logging.getLogger("dicomnode.http")
 
 # Route families, in the order they are matched.
-FAMILIES = (operations,)
+FAMILIES = (operations, identity_routes)
 
 
 @web.middleware
@@ -47,9 +50,8 @@ def _family(path: str) -> str:
 
 
 def create_app(settings: Settings, archive: Archive) -> web.Application:
-    # The identity store (issue 4) plugs its Authenticator in here; until then only
-    # public routes answer while [auth] required = true.
-    authenticator = None
+    signer = signer_for(settings)
+    authenticator = IdentityService(archive.identity, signer)
     app = web.Application(
         middlewares=[
             access_log_middleware,
@@ -60,6 +62,8 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     )
     app[SETTINGS] = settings
     app[ARCHIVE] = archive
+    app[TOKEN_SIGNER] = signer
+    app[LOGIN_LIMITER] = RateLimiter()
 
     async def executor_ctx(app: web.Application):
         pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="http-archive")

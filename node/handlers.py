@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -18,6 +19,7 @@ from pynetdicom.sop_class import Verification
 
 from config import Settings
 from storage import Archive, ArchiveError, Query, Source
+from storage.identity import AuditEntry
 from storage.attributes import UNIQUE_KEY
 
 from .datasets import identifier_keys, response_dataset
@@ -92,14 +94,15 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
     with A-ASSOCIATE-RJ, calling-AE-not-recognized."""
     assoc = event.assoc
     request = assoc.requestor.primitive  # the A-ASSOCIATE-RQ; requestor.ae_title is set later
-    calling = str(request.calling_ae_title).strip()
-    called = str(request.called_ae_title).strip()
+    calling = _text(request.calling_ae_title)
+    called = _text(request.called_ae_title)
     host = assoc.requestor.address
     if ctx.settings.ae.require_known_peers:
         peer = ctx.settings.peer(calling)
         if peer is None or not _same_host(peer.host, host):
             why = "unknown calling AE title" if peer is None else f"host {host} is not {peer.host}"
             log.warning("rejected association from %s@%s: %s (add it to [[peers]] in ae.toml)", calling, host, why)
+            _audit(ctx, calling, host, peer.organization if peer else None, "rejected", why)
             ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
             _reject(assoc, 0x03)
             return
@@ -108,6 +111,7 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
             "rejected association from %s@%s: called AE title %r is not ours (%r)",
             calling, host, called, ctx.settings.ae.title,
         )
+        _audit(ctx, calling, host, None, "rejected", f"called AE title {called!r} is not ours")
         ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
         _reject(assoc, 0x07)
 
@@ -117,6 +121,10 @@ def _reject(assoc, diagnostic: int) -> None:
     to send it before the connection closes, as pynetdicom's own rejections do."""
     assoc.acse.send_reject(0x01, 0x01, diagnostic)
     assoc.kill()
+
+
+def _text(value: str | bytes) -> str:
+    return (value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)).strip()
 
 
 def _same_host(configured: str, actual: str) -> bool:
@@ -146,6 +154,18 @@ def handle_closed(event: Event, ctx: NodeContext) -> None:
         "association from %s@%s %s: %s%s", peer.calling_ae, peer.address, how, ops,
         f"; failures: {fails}" if fails else "",
     )
+    _audit(ctx, peer.calling_ae, peer.address, peer.organization, how, ops + (f"; failures: {fails}" if fails else ""))
+
+
+def _audit(ctx: NodeContext, calling_ae: str, address: str, organization: str | None, outcome: str,
+           detail: str) -> None:
+    """Append one association to the audit log (calling AE, address, what it did)."""
+    entry = AuditEntry(time.time(), "dimse", calling_ae, "peer", organization, "association", None, outcome,
+                       address, detail)
+    try:
+        ctx.archive.identity.append_audit(entry)
+    except ArchiveError as exc:
+        log.error("could not audit the association from %s@%s: %s", calling_ae, address, exc.message)
 
 
 # ---------------------------------------------------------------- services

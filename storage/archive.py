@@ -29,6 +29,7 @@ from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, no
 from .blobs import BlobStore, FileBlobStore
 from .errors import InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass
 from .events import EventBus, InstanceStored, StudyStable
+from .identity import IdentityStore
 from .metrics import Metrics
 from .query import Query, compile_query, row_to_values
 from .schema import MIGRATION_SETS
@@ -89,6 +90,7 @@ class Archive:
         self.stable_after_s = stable_after_s
         self.blobs: BlobStore = blobs or FileBlobStore(self.root / "blobs")
         self.index = index or SQLiteIndex(self.root / "index.sqlite", MIGRATION_SETS)
+        self.identity = IdentityStore(self.index)
         self.events = EventBus()
         self.metrics = metrics or Metrics()
         self._key_locks = [threading.Lock() for _ in range(64)]
