@@ -85,7 +85,7 @@ class Archive:
         metrics: Metrics | None = None,
     ) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.uid_root = uid_root
         self.stable_after_s = stable_after_s
         self.blobs: BlobStore = blobs or FileBlobStore(self.root / "blobs")
