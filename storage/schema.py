@@ -7,5 +7,6 @@ changes only through these.
 from __future__ import annotations
 
 from .sqlite_index import migrations as index_migrations
+from .workitems import migrations as workitem_migrations
 
-MIGRATION_SETS = (index_migrations,)
+MIGRATION_SETS = (index_migrations, workitem_migrations)
