@@ -11,7 +11,7 @@ from aiohttp import web
 from config import Settings
 from storage import Archive
 
-from . import operations
+from . import operations, ups_rs, workitems_api
 from .auth import make_auth_middleware
 from .errors import error_middleware
 from .keys import ARCHIVE, EXECUTOR, SETTINGS
@@ -19,7 +19,7 @@ from .keys import ARCHIVE, EXECUTOR, SETTINGS
 log = logging.getLogger("dicomnode.http")
 
 # Route families, in the order they are matched.
-FAMILIES = (operations,)
+FAMILIES = (operations, workitems_api, ups_rs)
 
 
 @web.middleware
@@ -70,4 +70,6 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     app.cleanup_ctx.append(executor_ctx)
     for family in FAMILIES:
         app.add_routes(family.routes)
+        if hasattr(family, "setup"):  # a family owning resources (cleanup_ctx) sets them up
+            family.setup(app)
     return app

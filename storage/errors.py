@@ -57,10 +57,10 @@ class StorageFailure(ArchiveError):
 
 class WorkitemError(ArchiveError):
     """A workitem (UPS) request PS3.4 Annex CC refuses. ``status`` is the DIMSE status
-    the standard names for it; HTTP answers carry it as ``"status": "0xC310"``."""
+    the standard names for it; HTTP answers carry it as ``"dimse_status": "0xC310"``."""
 
     def __init__(self, message: str, *, status: int, **details: object) -> None:
-        super().__init__(message, status=f"0x{status:04X}", **details)
+        super().__init__(message, dimse_status=f"0x{status:04X}", **details)
         self.status = status
 
 
