@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -90,7 +91,7 @@ def _keys(ds: Dataset) -> dict[str, str]:
         value = elem.value
         if value is None:
             keys[elem.keyword] = ""
-        elif isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
+        elif isinstance(value, (list, tuple, MultiValue)):
             keys[elem.keyword] = "\\".join(str(v) for v in value)
         else:
             keys[elem.keyword] = str(value)
