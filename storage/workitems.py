@@ -317,7 +317,7 @@ def check_dataset(ds: Dataset) -> None:
         if elem.tag.is_private or not keyword:
             continue
         known_vr = dictionary_VR(elem.tag)
-        if elem.VR != known_vr and known_vr not in ("US or SS", "OB or OW", "US or OW", "US or SS or OW"):
+        if elem.VR != known_vr and " or " not in known_vr:
             raise InvalidWorkitem(
                 f"{keyword} must have VR {known_vr}, not {elem.VR}", status=0x0106, attribute=keyword
             )
@@ -634,11 +634,12 @@ class WorkitemStore:
             ds = Dataset.from_json(body)
             for elem in Dataset.from_json(changes_json):
                 ds[elem.tag] = elem
+            columns = _columns(ds)
             conn.execute(
                 "UPDATE workitems SET dataset = ?, updated_at = ?, "
-                + ", ".join(f"{k} = ?" for k in _columns(ds))
+                + ", ".join(f"{k} = ?" for k in columns)
                 + " WHERE pk = ?",
-                (json.dumps(ds.to_json_dict()), time.time(), *_columns(ds).values(), pk),
+                (json.dumps(ds.to_json_dict()), time.time(), *columns.values(), pk),
             )
 
         self.index.write(apply)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pydicom
 import requests
 
+from tests import corpus
 from tests.conftest import dcmtk
 from tests.worklist_helpers import SEED_ENTRY, created_workitem, study_uid_of, workitem_uid_of_study
 
@@ -103,3 +104,14 @@ def test_findscu_does_not_list_a_canceled_workitem(node, tmp_path):
     response = requests.post(f"{node.base_url}/dicomweb/workitems/{uid}/cancelrequest", timeout=30)
     assert response.status_code == 202
     assert worklist_query(node, tmp_path / "rsp") == []
+
+
+def test_study_root_c_find_is_still_answered_by_query_retrieve(node, tmp_path):
+    paths = corpus.save(corpus.ct_series(1, size=16), tmp_path / "ct")
+    dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, paths), check=True)
+    out = tmp_path / "qr"
+    out.mkdir()
+    dcmtk("findscu", "-S", "-X", "-od", str(out), "-aec", node.ae_title, "127.0.0.1", str(node.ae_port),
+          "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", check=True)
+    [found] = [pydicom.dcmread(p) for p in out.glob("rsp*.dcm")]
+    assert found.StudyInstanceUID == pydicom.dcmread(paths[0]).StudyInstanceUID
