@@ -13,11 +13,12 @@ import re
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from storage import InvalidQuery
-from storage.workitems import GLOBAL_SUBSCRIPTION_UID, InvalidWorkitem, WorkitemEvent
+from storage.errors import InvalidWorkitem
+from storage.workitem_model import GLOBAL_SUBSCRIPTION_UID, UPS_EVENT_SOP_CLASS, WorkitemEvent
 
 from .auth import principal, requires
 from .keys import ARCHIVE
@@ -281,7 +282,7 @@ def event_message(event: WorkitemEvent) -> dict:
     """The event report as DICOM JSON (PS3.18 section 11.13): the workitem, the event
     type and the event information."""
     ds = event.event_information()
-    ds.AffectedSOPClassUID = "1.2.840.10008.5.1.4.34.6.4"
+    ds.AffectedSOPClassUID = UPS_EVENT_SOP_CLASS
     ds.AffectedSOPInstanceUID = event.workitem_uid
     ds.EventTypeID = event.event_type
     return ds.to_json_dict()

@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 from aiohttp import web
 
 from storage import InvalidQuery, TooLarge
-from storage.workitems import worklist_entry
+from storage.workitem_model import worklist_entry
 
 from .auth import principal, requires
 from .keys import ARCHIVE, EXECUTOR

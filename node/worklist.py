@@ -21,9 +21,8 @@ from pynetdicom.events import Event
 
 from config import Settings
 from storage import ArchiveError, WorkitemError
-from storage.workitems import (
-    OPEN_STATES, SPS_ITEM_KEYS, UPS_EVENT_SOP_CLASS, Workitem, WorkitemEvent, WorkitemStore,
-)
+from storage.workitem_model import OPEN_STATES, SPS_ITEM_KEYS, UPS_EVENT_SOP_CLASS, WorkitemEvent
+from storage.workitems import WorkitemStore
 
 from . import handlers as h
 from .statuses import FIND_STATUS, status_for

@@ -20,15 +20,10 @@ import logging
 import re
 import sqlite3
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import pydicom.config
 import sqlite_utils
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
-from pydicom.valuerep import validate_value
 from sqlite_utils.migrations import Migrations
 
 from .attributes import Attribute, normalize_date, normalize_time
@@ -37,61 +32,13 @@ from .events import EventBus, InstanceStored
 from .query import _condition
 from .sqlite_index import SQLiteIndex
 from .uids import is_valid_uid
+from .workitem_model import (
+    ALREADY_CANCELED, ALREADY_COMPLETED, CANCEL_REQUESTED, CANCELED, COMPLETED, COMPLETION_REQUIRED,
+    FILTERED_GLOBAL_SUBSCRIPTION_UID, GLOBAL_SUBSCRIPTION_UID, IN_PROGRESS, NOT_SETTABLE, SCHEDULED,
+    STATE_REPORT, Workitem, WorkitemEvent, WorkitemImage, copy_dataset, text_of, check_dataset, check_ups_create,
+)
 
 log = logging.getLogger("dicomnode.workitems")
-
-UPS_PUSH_SOP_CLASS = "1.2.840.10008.5.1.4.34.6.1"
-UPS_EVENT_SOP_CLASS = "1.2.840.10008.5.1.4.34.6.4"
-GLOBAL_SUBSCRIPTION_UID = "1.2.840.10008.5.1.4.34.5"
-FILTERED_GLOBAL_SUBSCRIPTION_UID = "1.2.840.10008.5.1.4.34.5.1"
-
-SCHEDULED, IN_PROGRESS, COMPLETED, CANCELED = "SCHEDULED", "IN PROGRESS", "COMPLETED", "CANCELED"
-STATES = (SCHEDULED, IN_PROGRESS, COMPLETED, CANCELED)
-OPEN_STATES = (SCHEDULED, IN_PROGRESS)  # what a modality worklist shows
-
-# N-EVENT-REPORT event types of the UPS Event SOP class (PS3.4 CC.2.4)
-STATE_REPORT = 1
-CANCEL_REQUESTED = 2
-
-# Warnings a state change may answer with (the stored item is unchanged)
-ALREADY_CANCELED = 0xB304
-ALREADY_COMPLETED = 0xB306
-
-# The seed 004 worklist entry: required and optional fields, and which of them live in
-# the Scheduled Procedure Step Sequence item.
-WORKLIST_REQUIRED = (
-    "PatientID", "PatientName", "ScheduledStationAETitle", "ScheduledProcedureStepDescription",
-    "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime", "Modality", "AccessionNumber",
-)
-WORKLIST_OPTIONAL = (
-    "StudyInstanceUID", "ScheduledPerformingPhysicianName", "ScheduledProcedureStepID",
-    "RequestedProcedureDescription", "RequestedProcedureID", "RequestingPhysician",
-    "ReferringPhysicianName", "AdmissionID", "CurrentPatientLocation", "PatientBirthDate", "PatientSex",
-    "ConfidentialityConstraintOnPatientDataDescription", "PatientState", "PregnancyStatus",
-    "MedicalAlerts", "PlacerOrderNumberImagingServiceRequest", "ServiceEpisodeID", "ScheduledStationName",
-)
-SPS_ITEM_KEYS = (
-    "Modality", "ScheduledStationAETitle", "ScheduledProcedureStepStartDate",
-    "ScheduledProcedureStepStartTime", "ScheduledPerformingPhysicianName",
-    "ScheduledProcedureStepDescription", "ScheduledProcedureStepID", "ScheduledStationName",
-)
-# The top level of a worklist entry as seed 004 returns it (empty when unknown).
-WORKLIST_TOP_KEYS = (
-    "SpecificCharacterSet", "AccessionNumber", "ReferringPhysicianName", "PatientName", "PatientID",
-    "PatientBirthDate", "PatientSex", "MedicalAlerts", "PregnancyStatus", "StudyInstanceUID",
-    "RequestingPhysician", "RequestedProcedureDescription", "AdmissionID", "CurrentPatientLocation",
-    "PatientState", "ScheduledProcedureStepSequence", "RequestedProcedureID",
-    "PlacerOrderNumberImagingServiceRequest", "ConfidentialityConstraintOnPatientDataDescription",
-)
-# Type 1 attributes of a UPS at N-CREATE (PS3.4 Table CC.2.5-3) that dicomnode checks.
-UPS_CREATE_REQUIRED = (
-    "ScheduledProcedureStepPriority", "ProcedureStepLabel", "ScheduledProcedureStepStartDateTime",
-    "InputReadinessState", "ProcedureStepState",
-)
-# What an N-SET / UPS-RS update may not touch (the state machine and identity own them).
-NOT_SETTABLE = ("ProcedureStepState", "TransactionUID", "SOPInstanceUID", "SOPClassUID")
-# Final state requirements checked before COMPLETED (in the performed procedure item).
-COMPLETION_REQUIRED = ("PerformedProcedureStepStartDateTime", "PerformedProcedureStepEndDateTime")
 
 migrations = Migrations("dicomnode.workitems")
 
@@ -148,249 +95,6 @@ def m001_workitems(db: sqlite_utils.Database) -> None:
         );
         """
     )
-
-
-# --------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True)
-class WorkitemEvent:
-    """A UPS event report to deliver to ``recipients`` (AE titles)."""
-
-    workitem_uid: str
-    event_type: int  # STATE_REPORT or CANCEL_REQUESTED
-    information: Mapping[str, str]  # keyword -> value (ProcedureStepState, InputReadinessState...)
-    recipients: tuple[str, ...]
-    organization: str
-
-    def event_information(self) -> Dataset:
-        ds = Dataset()
-        for keyword, value in self.information.items():
-            setattr(ds, keyword, value)
-        return ds
-
-
-@dataclass(frozen=True)
-class WorkitemImage:
-    series_uid: str
-    sop_class_uid: str
-    sop_instance_uid: str
-
-
-@dataclass(frozen=True)
-class Workitem:
-    uid: str
-    study_uid: str
-    organization: str
-    state: str
-    transaction_uid: str
-    cancel_requested: bool
-    dataset: Dataset  # as created and updated, without state or identity
-    images: tuple[WorkitemImage, ...] = ()
-    retrieve_ae_title: str = ""
-
-    def ups_view(self) -> Dataset:
-        """The workitem as UPS N-GET, C-FIND and UPS-RS return it: the dataset, its
-        identity and state, and the images received for its study. The Transaction UID
-        is never returned (PS3.4 CC.2.5.1.1)."""
-        ds = _copy(self.dataset)
-        ds.SOPClassUID = UPS_PUSH_SOP_CLASS
-        ds.SOPInstanceUID = self.uid
-        ds.ProcedureStepState = self.state
-        if self.images:
-            _add_output_information(ds, self)
-        return ds
-
-    def worklist_view(self) -> Dataset:
-        """The workitem as a modality worklist entry, shaped as seed 004 returns it."""
-        ds = Dataset()
-        for keyword in WORKLIST_TOP_KEYS:
-            if keyword == "ScheduledProcedureStepSequence":
-                ds.ScheduledProcedureStepSequence = Sequence([self.scheduled_step()])
-            elif keyword == "SpecificCharacterSet":
-                ds.SpecificCharacterSet = "ISO_IR 192"
-            else:
-                _copy_or_empty(self.dataset, ds, keyword)
-        if "ServiceEpisodeID" in self.dataset:
-            ds.ServiceEpisodeID = self.dataset.ServiceEpisodeID
-        if not ds.get("StudyInstanceUID"):
-            ds.StudyInstanceUID = self.study_uid or None
-        return ds
-
-    def scheduled_step(self) -> Dataset:
-        """The Scheduled Procedure Step item: as given, else derived from the UPS."""
-        given = self.dataset.get("ScheduledProcedureStepSequence")
-        item = Dataset()
-        source = given[0] if given else Dataset()
-        for keyword in SPS_ITEM_KEYS:
-            _copy_or_empty(source, item, keyword)
-        if not given:
-            start = str(self.dataset.get("ScheduledProcedureStepStartDateTime", "") or "")
-            item.Modality = self.dataset.get("Modality", None)
-            item.ScheduledStationAETitle = self.dataset.get("ScheduledStationAETitle", None)
-            item.ScheduledProcedureStepStartDate = start[:8] or None
-            item.ScheduledProcedureStepStartTime = start[8:14] or None
-            item.ScheduledProcedureStepDescription = self.dataset.get("ProcedureStepLabel", None)
-        item.ScheduledProcedureStepStatus = {IN_PROGRESS: "STARTED"}.get(self.state, self.state)
-        return item
-
-
-def _copy(ds: Dataset) -> Dataset:
-    return Dataset.from_json(ds.to_json_dict())
-
-
-def _copy_or_empty(source: Dataset, target: Dataset, keyword: str) -> None:
-    if keyword in source:
-        target.add(source[keyword])
-    else:
-        tag = tag_for_keyword(keyword)
-        target.add_new(tag, dictionary_VR(tag), None)
-
-
-def _add_output_information(ds: Dataset, item: Workitem) -> None:
-    performed = ds.get("UnifiedProcedureStepPerformedProcedureSequence")
-    if not performed:
-        ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([Dataset()])
-        performed = ds.UnifiedProcedureStepPerformedProcedureSequence
-    step = performed[0]
-    outputs = step.get("OutputInformationSequence")
-    if outputs is None:
-        step.OutputInformationSequence = Sequence()
-        outputs = step.OutputInformationSequence
-    listed = {str(o.get("SeriesInstanceUID", "")) for o in outputs}
-    by_series: dict[str, list[WorkitemImage]] = {}
-    for image in item.images:
-        by_series.setdefault(image.series_uid, []).append(image)
-    for series_uid, images in by_series.items():
-        if series_uid in listed:
-            continue
-        out = Dataset()
-        out.TypeOfInstances = "DICOM"
-        out.StudyInstanceUID = item.study_uid
-        out.SeriesInstanceUID = series_uid
-        if item.retrieve_ae_title:
-            out.RetrieveAETitle = item.retrieve_ae_title
-        refs = []
-        for image in images:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = image.sop_class_uid
-            ref.ReferencedSOPInstanceUID = image.sop_instance_uid
-            refs.append(ref)
-        out.ReferencedSOPSequence = Sequence(refs)
-        outputs.append(out)
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, (list, pydicom.multival.MultiValue)):
-        return "\\".join(str(v) for v in value)
-    return str(value).rstrip("\x00 ")
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def check_value(keyword: str, value: Any) -> None:
-    """Refuse a value its VR does not allow, naming the attribute and the rule."""
-    tag = tag_for_keyword(keyword)
-    if tag is None:
-        raise InvalidWorkitem(f"{keyword} is not a DICOM keyword", status=0x0106, attribute=keyword)
-    vr = dictionary_VR(tag)
-    values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
-    for single in values:
-        if vr == "SQ" or single is None:
-            continue
-        if vr == "PN":
-            single = str(single)
-        try:
-            validate_value(vr, single, pydicom.config.RAISE)
-        except (ValueError, TypeError) as exc:
-            raise InvalidWorkitem(f"{keyword} ({vr}): {exc}", status=0x0106, attribute=keyword) from None
-
-
-def check_dataset(ds: Dataset) -> None:
-    """Validate every element (recursively) of a dataset a client sent."""
-    for elem in ds:
-        keyword = elem.keyword or keyword_for_tag(elem.tag)
-        if elem.tag.is_private or not keyword:
-            continue
-        known_vr = dictionary_VR(elem.tag)
-        if elem.VR != known_vr and " or " not in known_vr:
-            raise InvalidWorkitem(
-                f"{keyword} must have VR {known_vr}, not {elem.VR}", status=0x0106, attribute=keyword
-            )
-        if elem.VR == "SQ":
-            for item in elem.value or []:
-                check_dataset(item)
-        elif elem.VR in ("DA", "TM", "DT", "AE", "CS", "UI", "LO", "SH", "PN", "IS", "DS", "US", "LT", "ST", "UT"):
-            check_value(keyword, elem.value)
-
-
-def worklist_entry(fields: Mapping[str, Any]) -> Dataset:
-    """A workitem dataset from a seed 004 ``POST /workitems`` body ({keyword: string}).
-
-    Raises :class:`InvalidWorkitem` naming missing fields, unknown keywords and values
-    their VR does not allow."""
-    if not isinstance(fields, Mapping) or not fields:
-        raise InvalidWorkitem("the body must be a non-empty JSON object of DICOM keywords", status=0x0120)
-    unknown = sorted(set(fields) - set(WORKLIST_REQUIRED) - set(WORKLIST_OPTIONAL))
-    if unknown:
-        raise InvalidWorkitem(
-            f"unknown field(s): {', '.join(unknown)}; accepted fields are "
-            f"{', '.join(WORKLIST_REQUIRED + WORKLIST_OPTIONAL)}",
-            status=0x0106, unknown=unknown,
-        )
-    missing = [k for k in WORKLIST_REQUIRED if fields.get(k) in (None, "")]
-    if missing:
-        raise InvalidWorkitem(f"missing required field(s): {', '.join(missing)}", status=0x0120, missing=missing)
-    for keyword, value in fields.items():
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise InvalidWorkitem(
-                f"{keyword} must be a string, not {type(value).__name__}", status=0x0106, attribute=keyword
-            )
-        check_value(keyword, value)
-    if fields.get("StudyInstanceUID") and not is_valid_uid(fields["StudyInstanceUID"]):
-        raise InvalidWorkitem("StudyInstanceUID is not a valid UID", status=0x0106, attribute="StudyInstanceUID")
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    step = Dataset()
-    for keyword, value in fields.items():
-        if value in (None, ""):
-            continue
-        setattr(step if keyword in SPS_ITEM_KEYS else ds, keyword, value)
-    ds.ScheduledProcedureStepSequence = Sequence([step])
-    # the UPS view of the same entry (PS3.4 Table CC.2.5-3)
-    ds.ScheduledProcedureStepPriority = "MEDIUM"
-    ds.ProcedureStepLabel = fields["ScheduledProcedureStepDescription"]
-    ds.WorklistLabel = fields["ScheduledStationAETitle"]
-    ds.ScheduledProcedureStepStartDateTime = (
-        normalize_date(fields["ScheduledProcedureStepStartDate"])
-        + normalize_time(fields["ScheduledProcedureStepStartTime"]).split(".")[0]
-    )
-    ds.InputReadinessState = "READY"
-    ds.ProcedureStepState = SCHEDULED
-    return ds
-
-
-def check_ups_create(ds: Dataset) -> None:
-    """PS3.4 CC.2.5: a new UPS is SCHEDULED, has no Transaction UID and its type 1 attributes."""
-    state = _text(ds, "ProcedureStepState")
-    if state and state != SCHEDULED:
-        raise InvalidWorkitem(
-            f"a new workitem must be SCHEDULED, not {state!r}", status=0xC309, attribute="ProcedureStepState"
-        )
-    if "TransactionUID" in ds:
-        raise InvalidWorkitem("a new workitem must not carry a TransactionUID", status=0x0106,
-                              attribute="TransactionUID")
-    missing = [k for k in UPS_CREATE_REQUIRED if not _text(ds, k)]
-    if missing:
-        raise InvalidWorkitem(f"missing required attribute(s): {', '.join(missing)}", status=0x0120,
-                              missing=missing)
-    check_dataset(ds)
 
 
 # --------------------------------------------------------------------------- matching
@@ -457,22 +161,22 @@ def _columns(ds: Dataset) -> dict[str, str]:
     """The match columns of a workitem dataset (seed/MWL form or UPS form)."""
     steps = ds.get("ScheduledProcedureStepSequence")
     step = steps[0] if steps else Dataset()
-    start_dt = _text(ds, "ScheduledProcedureStepStartDateTime")
-    start_date = normalize_date(_text(step, "ScheduledProcedureStepStartDate")) or start_dt[:8]
-    start_time = normalize_time(_text(step, "ScheduledProcedureStepStartTime") or start_dt[8:14])
-    name = _text(ds, "PatientName")
+    start_dt = text_of(ds, "ScheduledProcedureStepStartDateTime")
+    start_date = normalize_date(text_of(step, "ScheduledProcedureStepStartDate")) or start_dt[:8]
+    start_time = normalize_time(text_of(step, "ScheduledProcedureStepStartTime") or start_dt[8:14])
+    name = text_of(ds, "PatientName")
     return {
-        "patient_id": _text(ds, "PatientID"),
+        "patient_id": text_of(ds, "PatientID"),
         "patient_name": name,
         "patient_name_fold": name.casefold(),
-        "accession_number": _text(ds, "AccessionNumber"),
-        "modality": _text(step, "Modality") or _text(ds, "Modality"),
-        "station_ae": _text(step, "ScheduledStationAETitle") or _text(ds, "ScheduledStationAETitle"),
+        "accession_number": text_of(ds, "AccessionNumber"),
+        "modality": text_of(step, "Modality") or text_of(ds, "Modality"),
+        "station_ae": text_of(step, "ScheduledStationAETitle") or text_of(ds, "ScheduledStationAETitle"),
         "start_date": start_date,
         "start_time": start_time,
         "start_datetime": (start_date + start_time.split(".")[0]) if start_date else "",
-        "procedure_step_id": _text(step, "ScheduledProcedureStepID") or _text(ds, "ScheduledProcedureStepID"),
-        "requested_procedure_id": _text(ds, "RequestedProcedureID"),
+        "procedure_step_id": text_of(step, "ScheduledProcedureStepID") or text_of(ds, "ScheduledProcedureStepID"),
+        "requested_procedure_id": text_of(ds, "RequestedProcedureID"),
     }
 
 
@@ -507,13 +211,13 @@ class WorkitemStore:
         uid = uid or self.generate_uid()
         if not is_valid_uid(uid):
             raise InvalidWorkitem(f"workitem UID {uid!r} is not a valid UID", status=0x0106)
-        ds = _copy(ds)
+        ds = copy_dataset(ds)
         for keyword in ("ProcedureStepState", "SOPInstanceUID", "SOPClassUID"):
             if keyword in ds:
                 del ds[keyword]
-        if not _text(ds, "StudyInstanceUID"):
+        if not text_of(ds, "StudyInstanceUID"):
             ds.StudyInstanceUID = self.generate_uid()
-        study_uid = _text(ds, "StudyInstanceUID")
+        study_uid = text_of(ds, "StudyInstanceUID")
         columns = _columns(ds)
         body = json.dumps(ds.to_json_dict())
 
@@ -785,7 +489,7 @@ class WorkitemStore:
 
 def _state_event(item: Workitem, recipients: tuple[str, ...]) -> WorkitemEvent:
     info = {"ProcedureStepState": item.state,
-            "InputReadinessState": _text(item.dataset, "InputReadinessState") or "READY"}
+            "InputReadinessState": text_of(item.dataset, "InputReadinessState") or "READY"}
     return WorkitemEvent(item.uid, STATE_REPORT, info, recipients, item.organization)
 
 
@@ -820,7 +524,7 @@ def _check_transition(uid: str, state: str, new_state: str, given_txn: str, curr
 def _check_final_state(uid: str, ds: Dataset) -> None:
     performed = ds.get("UnifiedProcedureStepPerformedProcedureSequence")
     item = performed[0] if performed else Dataset()
-    missing = [k for k in COMPLETION_REQUIRED if not _text(item, k)]
+    missing = [k for k in COMPLETION_REQUIRED if not text_of(item, k)]
     if missing:
         raise WorkitemStateError(
             f"workitem {uid} cannot be COMPLETED: set {', '.join(missing)} in "
