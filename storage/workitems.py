@@ -34,7 +34,7 @@ from .sqlite_index import SQLiteIndex
 from .uids import is_valid_uid
 from .workitem_model import (
     ALREADY_CANCELED, ALREADY_COMPLETED, CANCEL_REQUESTED, CANCELED, COMPLETED, COMPLETION_REQUIRED,
-    FILTERED_GLOBAL_SUBSCRIPTION_UID, GLOBAL_SUBSCRIPTION_UID, IN_PROGRESS, NOT_SETTABLE, SCHEDULED,
+    FILTERED_GLOBAL_SUBSCRIPTION_UID, GLOBAL_SUBSCRIPTION_UID, IN_PROGRESS, NOT_SETTABLE, OPEN_STATES, SCHEDULED,
     STATE_REPORT, Workitem, WorkitemEvent, WorkitemImage, copy_dataset, text_of, check_dataset, check_ups_create,
 )
 
@@ -445,8 +445,10 @@ class WorkitemStore:
 
         self.index.write(add)
         log.info("%s subscribed to %s", ae_title, target or "every workitem")
-        if target:
-            item = self.get(target)
+        # the subscriber learns the current state at once (PS3.4 CC.2.3.2): of the
+        # workitem, or of every open workitem of its organization for a global one
+        current = [self.get(target)] if target else self.find({}, (organization,), states=OPEN_STATES)
+        for item in current:
             self.events.emit(_state_event(item, (ae_title,)))
 
     def unsubscribe(self, ae_title: str, uid: str | None) -> None:

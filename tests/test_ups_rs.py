@@ -238,3 +238,48 @@ async def test_global_websocket_subscriber_receives_the_cancellation_of_any_work
                 assert response.status == 202
             event = await _next_event(ws, "CANCELED")
     assert event["00001000"]["Value"] == [uid]
+
+
+async def test_cancel_request_of_an_in_progress_workitem_notifies_its_subscribers(node):
+    uid = await asyncio.to_thread(_create, node)
+    status = await asyncio.to_thread(change_state_over_dimse, node, uid, "IN PROGRESS", new_transaction_uid())
+    assert status == 0x0000
+    async with aiohttp.ClientSession() as session:
+        ws_url = node.base_url.replace("http://", "ws://") + "/dicomweb/subscribers/PERFORMER"
+        async with session.ws_connect(ws_url) as ws:
+            async with session.post(_url(node, f"/{uid}/subscribers/PERFORMER")) as response:
+                assert response.status == 201
+            body = Dataset()
+            body.ReasonForCancellation = "patient unwell"
+            async with session.post(_url(node, f"/{uid}/cancelrequest"), data=json.dumps(body.to_json_dict()),
+                                    headers=JSON) as response:
+                assert response.status == 202
+            while True:
+                event = await asyncio.wait_for(ws.receive_json(), timeout=30)
+                if event["00001002"]["Value"] == [2]:
+                    break
+    assert event["00741238"]["Value"] == ["patient unwell"]
+    assert _state(node, uid) == "IN PROGRESS"
+
+
+async def test_global_subscriber_learns_the_state_of_open_workitems_at_once(node):
+    uid = await asyncio.to_thread(_create, node)
+    async with aiohttp.ClientSession() as session:
+        ws_url = node.base_url.replace("http://", "ws://") + "/dicomweb/subscribers/DASHBOARD"
+        async with session.ws_connect(ws_url) as ws:
+            async with session.post(_url(node, "/1.2.840.10008.5.1.4.34.5/subscribers/DASHBOARD")) as response:
+                assert response.status == 201
+            event = await _next_event(ws, "SCHEDULED")
+    assert event["00001000"]["Value"] == [uid]
+
+
+async def test_event_channel_without_credentials_is_401_when_auth_is_required(start_node):
+    node = await asyncio.to_thread(start_node, auth={"required": True})
+    async with aiohttp.ClientSession() as session:
+        ws_url = node.base_url.replace("http://", "ws://") + "/dicomweb/subscribers/WEBVIEWER"
+        try:
+            await session.ws_connect(ws_url)
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 401
+        else:
+            raise AssertionError("the event channel opened without credentials")
