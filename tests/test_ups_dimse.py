@@ -87,7 +87,7 @@ def test_n_create_of_an_existing_uid_is_0111(node):
 
 def test_n_get_of_an_unknown_workitem_is_c307(node):
     with ups_association(node) as assoc:
-        status, _ = assoc.send_n_get([0x00741000], UnifiedProcedureStepPush, generate_uid())
+        status, _ = assoc.send_n_get([0x00080018, 0x00741000], UnifiedProcedureStepPush, generate_uid())
     assert status.Status == 0xC307
 
 
@@ -287,3 +287,13 @@ def test_subscribing_an_ae_not_in_peers_is_c308(node):
     with ups_association(node) as assoc:
         status, _ = assoc.send_n_action(info, 3, UnifiedProcedureStepPush, uid)
     assert status.Status == 0xC308
+
+
+def test_a_peer_of_another_organization_does_not_see_the_workitem(start_node):
+    node = start_node(peers=[{"ae_title": "UPSSCU", "host": "127.0.0.1", "port": free_port(),
+                              "organization": "elsewhere"}])
+    uid = node.archive.workitems.create(ups_dataset(), "local").uid
+    with ups_association(node, "UPSSCU") as assoc:
+        status, _ = assoc.send_n_get([0x00080018, 0x00741000], UnifiedProcedureStepPush, uid)
+    assert status.Status == 0xC307
+    assert node.archive.workitems.get(uid).state == "SCHEDULED"

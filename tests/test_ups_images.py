@@ -47,7 +47,7 @@ def test_images_stored_through_the_archive_show_in_n_get(node):
     node.archive.store_bytes(buffer.getvalue(), Source("import"))
     uid = workitem_uid_of_study(node, study_uid)
     with ups_association(node) as assoc:
-        status, ds = assoc.send_n_get([0x00741216], UnifiedProcedureStepPush, uid)
+        status, ds = assoc.send_n_get([0x00080018, 0x00741216], UnifiedProcedureStepPush, uid)
     assert status.Status == 0x0000
     output = ds.UnifiedProcedureStepPerformedProcedureSequence[0].OutputInformationSequence[0]
     assert output.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == image.SOPInstanceUID

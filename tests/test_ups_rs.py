@@ -161,7 +161,7 @@ def test_state_change_over_http_is_seen_over_dimse(node):
     response = _change_state(node, uid, "IN PROGRESS", new_transaction_uid())
     assert response.status_code == 200, response.text
     with ups_association(node) as assoc:
-        status, ds = assoc.send_n_get([0x00741000], UnifiedProcedureStepPush, uid)
+        status, ds = assoc.send_n_get([0x00080018, 0x00741000], UnifiedProcedureStepPush, uid)
     assert status.Status == 0x0000
     assert ds.ProcedureStepState == "IN PROGRESS"
 
