@@ -224,8 +224,8 @@ def check_value(keyword: str, value: Any) -> None:
     for single in values:
         if vr == "SQ" or single is None:
             continue
-        if vr == "PN":
-            single = str(single)
+        if vr in ("PN", "IS", "DS"):
+            single = str(single)  # validated as the text that is sent
         try:
             validate_value(vr, single, pydicom.config.RAISE)
         except (ValueError, TypeError) as exc:
