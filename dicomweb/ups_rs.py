@@ -213,8 +213,10 @@ async def subscribe(request: web.Request) -> web.Response:
     ae_title = _ae_title(request)
     lock = request.query.get("deletionlock", "false").lower() == "true"
     store = request.app[ARCHIVE].workitems
-    uid, org = request.match_info["uid"], principal(request).storing_organization
-    await in_thread(request, lambda: store.subscribe(ae_title, uid, org, lock))
+    who, uid = principal(request), request.match_info["uid"]
+    await in_thread(
+        request, lambda: store.subscribe(ae_title, uid, who.storing_organization, lock, who.organizations)
+    )
     scheme = "wss" if request.scheme == "https" else "ws"
     channel = f"{scheme}://{request.host}/dicomweb/subscribers/{ae_title}"
     return web.Response(status=201, headers={"Content-Location": channel})

@@ -428,12 +428,14 @@ class WorkitemStore:
         return row
 
     # ------------------------------------------------------------------ subscriptions
-    def subscribe(self, ae_title: str, uid: str | None, organization: str, deletion_lock: bool = False) -> None:
-        """Subscribe ``ae_title`` to one workitem, or globally when ``uid`` is None or the
-        well-known global subscription UID; sends the current state of the workitem(s)."""
+    def subscribe(self, ae_title: str, uid: str | None, organization: str, deletion_lock: bool = False,
+                  organizations: tuple[str, ...] | None = None) -> None:
+        """Subscribe ``ae_title`` to one workitem (that ``organizations`` may see), or to
+        every workitem of ``organization`` when ``uid`` is None or the well-known global
+        subscription UID; sends the current state of the workitem(s)."""
         target = _subscription_target(uid)
         if target:
-            self.get(target)  # C307 when unknown
+            self.get(target, organizations)  # C307 when unknown
 
         def add(conn: sqlite3.Connection) -> None:
             conn.execute(
