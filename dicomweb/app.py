@@ -11,7 +11,7 @@ from aiohttp import web
 from config import Settings
 from storage import Archive
 
-from . import identity_routes, operations
+from . import identity_routes, operations, ups_rs, workitems_api
 from .auth import make_auth_middleware
 from .credentials import IdentityService
 from .errors import error_middleware
@@ -22,7 +22,7 @@ from .tokens import signer_for
 log = logging.getLogger("dicomnode.http")
 
 # Route families, in the order they are matched.
-FAMILIES = (operations, identity_routes)
+FAMILIES = (operations, identity_routes, workitems_api, ups_rs)
 
 
 @web.middleware
@@ -74,4 +74,6 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     app.cleanup_ctx.append(executor_ctx)
     for family in FAMILIES:
         app.add_routes(family.routes)
+        if hasattr(family, "setup"):  # a family owning resources (cleanup_ctx) sets them up
+            family.setup(app)
     return app

@@ -35,6 +35,7 @@ from .query import Query, compile_query, row_to_values
 from .schema import MIGRATION_SETS
 from .sqlite_index import InstanceRecord, SQLiteIndex, StoredInstance
 from .uids import generate_uid, require_uid
+from .workitems import WorkitemStore
 
 log = logging.getLogger("dicomnode.archive")
 
@@ -93,6 +94,7 @@ class Archive:
         self.identity = IdentityStore(self.index)
         self.events = EventBus()
         self.metrics = metrics or Metrics()
+        self.workitems = WorkitemStore(self.index, self.events, self.generate_uid)
         self._key_locks = [threading.Lock() for _ in range(64)]
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
