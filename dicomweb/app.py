@@ -11,7 +11,8 @@ from aiohttp import web
 from config import Settings
 from storage import Archive
 
-from . import operations
+from . import operations, qido, rendered, stow, wado, wado_uri
+from .cors import make_cors_middleware
 from .auth import make_auth_middleware
 from .errors import error_middleware
 from .keys import ARCHIVE, EXECUTOR, SETTINGS
@@ -19,7 +20,7 @@ from .keys import ARCHIVE, EXECUTOR, SETTINGS
 log = logging.getLogger("dicomnode.http")
 
 # Route families, in the order they are matched.
-FAMILIES = (operations,)
+FAMILIES = (operations, stow, qido, wado, rendered, wado_uri)
 
 
 @web.middleware
@@ -53,6 +54,7 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     app = web.Application(
         middlewares=[
             access_log_middleware,
+            make_cors_middleware(settings.http.cors_origins),
             error_middleware,
             make_auth_middleware(settings.auth.required, authenticator),
         ],

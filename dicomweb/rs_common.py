@@ -1,0 +1,245 @@
+"""Helpers shared by the DICOMweb route modules (QIDO-RS, WADO-RS, STOW-RS, WADO-URI):
+UIDs taken from URLs, running archive work off the event loop, Accept negotiation,
+multipart/related responses streamed from disk, and validators (ETag, Last-Modified)."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any, Callable, Iterable, TypeVar
+
+from aiohttp import web
+
+from storage import Archive, StoredInstance
+from storage.uids import is_valid_uid
+
+from .auth import principal
+from .keys import ARCHIVE, EXECUTOR
+
+T = TypeVar("T")
+PREFIX = "/dicomweb"
+CHUNK = 1 << 20  # bytes read from disk per executor call when streaming
+
+
+async def run_blocking(request: web.Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run archive work (SQLite, file I/O, decoding) in the app's thread pool."""
+    return await asyncio.get_running_loop().run_in_executor(
+        request.app[EXECUTOR], functools.partial(fn, *args, **kwargs)
+    )
+
+
+def dicom_json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """``application/dicom+json`` exactly (clients compare the media type without a charset;
+    DICOM JSON is UTF-8 by definition, PS3.18 F.2)."""
+    return web.Response(body=json.dumps(body, ensure_ascii=False).encode("utf-8"), status=status,
+                        headers={**(headers or {}), "Content-Type": "application/dicom+json"})
+
+
+def archive_of(request: web.Request) -> Archive:
+    return request.app[ARCHIVE]
+
+
+def organizations(request: web.Request) -> tuple[str, ...] | None:
+    """Organizations whose data the caller sees (None: all, with auth off)."""
+    return principal(request).organizations
+
+
+def path_uid(request: web.Request, name: str) -> str:
+    """A UID from the URL path, refused unless it is digits and dots (never a path)."""
+    value = request.match_info[name]
+    if not is_valid_uid(value):
+        raise web.HTTPBadRequest(
+            text=f"{name} {value!r} is not a valid DICOM UID: use digits and dots only, at most 64 characters"
+        )
+    return value
+
+
+def base_url(request: web.Request) -> str:
+    """Scheme, host and DICOMweb prefix as the client addressed us (for RetrieveURL)."""
+    return f"{request.scheme}://{request.host}{PREFIX}"
+
+
+def study_url(request: web.Request, study_uid: str) -> str:
+    return f"{base_url(request)}/studies/{study_uid}"
+
+
+def series_url(request: web.Request, study_uid: str, series_uid: str) -> str:
+    return f"{study_url(request, study_uid)}/series/{series_uid}"
+
+
+def instance_url(request: web.Request, study_uid: str, series_uid: str, sop_uid: str) -> str:
+    return f"{series_url(request, study_uid, series_uid)}/instances/{sop_uid}"
+
+
+# --------------------------------------------------------------------------- Accept
+
+
+@dataclass(frozen=True)
+class MediaRange:
+    """One entry of an Accept header: ``type/subtype`` with its parameters."""
+
+    media_type: str
+    params: dict[str, str] = field(default_factory=dict)
+    quality: float = 1.0
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.media_type == "multipart/related"
+
+    @property
+    def part_type(self) -> str:
+        """The media type of the parts (``type=`` of multipart/related), else itself."""
+        return self.params.get("type", "").lower() if self.is_multipart else self.media_type
+
+    @property
+    def transfer_syntax(self) -> str | None:
+        return self.params.get("transfer-syntax")
+
+    def matches(self, media_type: str) -> bool:
+        wanted = self.part_type or "*/*"
+        if wanted in ("*/*", "*"):
+            return True
+        major, _, minor = wanted.partition("/")
+        other_major, _, other_minor = media_type.partition("/")
+        return major == other_major and minor in ("*", other_minor)
+
+
+def parse_accept(header: str | None) -> list[MediaRange]:
+    """Entries of an Accept header, best first; an absent header accepts anything."""
+    if not header or not header.strip():
+        return [MediaRange("*/*")]
+    ranges = []
+    for entry in _split_outside_quotes(header, ","):
+        pieces = _split_outside_quotes(entry, ";")
+        media_type = pieces[0].strip().lower()
+        if not media_type:
+            continue
+        params: dict[str, str] = {}
+        quality = 1.0
+        for piece in pieces[1:]:
+            name, _, value = piece.partition("=")
+            name, value = name.strip().lower(), value.strip().strip('"')
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+            else:
+                params[name] = value
+        ranges.append(MediaRange(media_type, params, quality))
+    ranges.sort(key=lambda r: -r.quality)
+    return [r for r in ranges if r.quality > 0]
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    out, current, quoted = [], [], False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
+            out.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    out.append("".join(current))
+    return out
+
+
+def not_acceptable(what: str, offered: Iterable[str]) -> web.HTTPNotAcceptable:
+    return web.HTTPNotAcceptable(
+        text=f"none of the accepted media types fits {what}; this resource is available as "
+        + ", ".join(offered)
+    )
+
+
+# --------------------------------------------------------------------------- multipart
+
+
+class MultipartStream:
+    """A ``multipart/related`` response written part by part, never held whole."""
+
+    def __init__(self, request: web.Request, part_type: str, headers: dict[str, str] | None = None,
+                 extra_type_params: str = "") -> None:
+        self.request = request
+        self.boundary = uuid.uuid4().hex
+        self.part_type = part_type
+        self.response = web.StreamResponse(headers=headers or {})
+        self.response.headers["Content-Type"] = (
+            f'multipart/related; type="{part_type}"; boundary={self.boundary}{extra_type_params}'
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self.response.prepare(self.request)
+            self._started = True
+
+    async def write_part(self, content_type: str, chunks_or_bytes: bytes | Iterable[bytes],
+                         location: str | None = None) -> None:
+        await self.start()
+        head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
+        if location:
+            head += f"Content-Location: {location}\r\n"
+        await self.response.write((head + "\r\n").encode())
+        if isinstance(chunks_or_bytes, (bytes, bytearray, memoryview)):
+            await self.response.write(bytes(chunks_or_bytes))
+        else:
+            for chunk in chunks_or_bytes:
+                await self.response.write(chunk)
+        await self.response.write(b"\r\n")
+
+    async def write_file_part(self, content_type: str, archive: Archive, stored: StoredInstance,
+                              location: str | None = None) -> None:
+        """Copy a stored file into a part, one chunk per executor call."""
+        await self.start()
+        head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
+        if location:
+            head += f"Content-Location: {location}\r\n"
+        await self.response.write((head + "\r\n").encode())
+        fh = await run_blocking(self.request, archive.open_instance, stored)
+        try:
+            while True:
+                chunk = await run_blocking(self.request, fh.read, CHUNK)
+                if not chunk:
+                    break
+                await self.response.write(chunk)
+        finally:
+            await run_blocking(self.request, fh.close)
+        await self.response.write(b"\r\n")
+
+    async def finish(self) -> web.StreamResponse:
+        await self.start()
+        await self.response.write(f"--{self.boundary}--\r\n".encode())
+        await self.response.write_eof()
+        return self.response
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def validators(archive: Archive, stored: list[StoredInstance], variant: str = "") -> dict[str, str]:
+    """ETag and Last-Modified of a set of stored files (runs in the executor)."""
+    digest = hashlib.sha256(variant.encode())
+    newest = 0.0
+    for item in stored:
+        path = archive.instance_path(item)
+        mtime = path.stat().st_mtime if path is not None and path.exists() else 0.0
+        newest = max(newest, mtime)
+        digest.update(f"{item.sop_instance_uid}:{item.blob_key}:{item.size}:{mtime}\n".encode())
+    headers = {"ETag": f'"{digest.hexdigest()[:32]}"'}
+    if newest:
+        headers["Last-Modified"] = formatdate(newest, usegmt=True)
+    return headers
+
+
+def not_modified(request: web.Request, headers: dict[str, str]) -> bool:
+    """True when the client's cached copy (If-None-Match) is still current."""
+    tags = request.headers.get("If-None-Match")
+    if tags is None:
+        return False
+    etag = headers.get("ETag")
+    return etag is not None and (tags.strip() == "*" or etag in [t.strip() for t in tags.split(",")])

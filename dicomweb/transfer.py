@@ -1,0 +1,97 @@
+"""Transfer syntaxes on the way out: which stored syntax a client may receive as is,
+which can be decoded to Explicit VR Little Endian, and the media types of frames."""
+from __future__ import annotations
+
+import io
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.pixels import get_decoder, pixel_array
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from .rendering import frame_count
+
+ANY = "*"
+OCTET_STREAM = "application/octet-stream"
+
+# PS3.18 Table 8.7.3-2..-5: the media type of a compressed frame, by transfer syntax.
+FRAME_MEDIA_TYPE: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+
+
+def is_compressed(tsuid: str) -> bool:
+    return UID(tsuid).is_compressed
+
+
+def can_decode(tsuid: str) -> bool:
+    """True when pydicom (with the pylibjpeg plugins) can decode this syntax's pixels."""
+    if not is_compressed(tsuid):
+        return True
+    try:
+        return get_decoder(tsuid).is_available
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def output_syntax(stored: str, requested: str | None) -> str | None:
+    """The syntax an instance stored in ``stored`` is sent in for a request of
+    ``requested`` (None: the default, Explicit VR Little Endian); None if it can't be."""
+    wanted = requested or ExplicitVRLittleEndian
+    if wanted == ANY or wanted == stored:
+        return stored
+    if wanted == ExplicitVRLittleEndian and can_decode(stored):
+        return ExplicitVRLittleEndian
+    return None
+
+
+def transcode_to_explicit_little(fh: BinaryIO) -> bytes:
+    """A Part-10 file in Explicit VR Little Endian (decoded if it was compressed). The
+    SOP Instance UID is kept: lossless decoding makes no new instance."""
+    ds = pydicom.dcmread(fh)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return buf.getvalue()
+
+
+def read_frames(fh: BinaryIO, numbers: list[int], decode: bool) -> tuple[Dataset, list[bytes]]:
+    """The bytes of frames ``numbers`` (1-based): as stored (compressed frames as they
+    are) or, with ``decode``, as native little endian pixels."""
+    ds = pydicom.dcmread(fh)
+    if "PixelData" not in ds:
+        raise LookupError("this instance has no pixel data; it has no frames")
+    total = frame_count(ds)
+    missing = [n for n in numbers if not 1 <= n <= total]
+    if missing:
+        raise IndexError(f"frame(s) {', '.join(map(str, missing))} do not exist; this instance has {total} frame(s)")
+    tsuid = ds.file_meta.TransferSyntaxUID
+    if tsuid.is_compressed and not decode:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=total))
+        return ds, [frames[n - 1] for n in numbers]
+    if not tsuid.is_compressed and tsuid.is_little_endian and int(ds.BitsAllocated) % 8 == 0:
+        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+        data = ds.PixelData
+        return ds, [bytes(data[(n - 1) * size: n * size]) for n in numbers]
+    out = []
+    for n in numbers:
+        fh.seek(0)
+        pixels = pixel_array(fh, index=n - 1)
+        out.append(np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<")).tobytes())
+    return ds, out
