@@ -119,14 +119,15 @@ def render(fh: BinaryIO, options: RenderOptions) -> bytes:
         indices = list(range(min(frames, MAX_ANIMATED_FRAMES)))
     else:
         indices = [options.frame or 0]
-    images = []
+    arrays = []
     for index in indices:
         fh.seek(0)
         try:
-            pixels = pixel_array(fh, index=index)
+            arrays.append(pixel_array(fh, index=index))
         except (NotImplementedError, RuntimeError, ValueError) as exc:
             raise NoImage(f"the pixel data cannot be decoded here ({exc}); retrieve it as application/dicom") from exc
-        images.append(_fit(to_image(header, pixels, options.window), options.viewport))
+    window = options.window or _common_window(header, arrays)
+    images = [_fit(to_image(header, pixels, window), options.viewport) for pixels in arrays]
     return encode(images, options, header)
 
 
@@ -169,6 +170,18 @@ def apply_window(values: np.ndarray, window: Window) -> np.ndarray:
     if w <= 0:
         return np.where(values > c, 255.0, 0.0)
     return np.clip((values - c) / w + 0.5, 0.0, 1.0) * 255.0
+
+
+def _common_window(ds: Dataset, arrays: list[np.ndarray]) -> Window | None:
+    """For grayscale images with no stored VOI: one window spanning the modality values
+    of every rendered frame (so that the frames of an animation compare)."""
+    if arrays[0].ndim == 3 or str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
+        return None
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        return None
+    low = min(float(apply_modality_lut(a, ds).min()) for a in arrays)
+    high = max(float(apply_modality_lut(a, ds).max()) for a in arrays)
+    return Window((low + high + 1) / 2, max(high - low + 1, 1.0))
 
 
 def _stored_window(ds: Dataset) -> Window:

@@ -1,0 +1,143 @@
+"""WADO-RS: transfer syntax negotiation, metadata and bulk data, frames, validators, DELETE."""
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+from tests import corpus
+from tests.conftest import NodeThread, make_settings
+from tests.dicomweb_http import dataset_of, split_multipart, stow_datasets
+
+
+@pytest.fixture(scope="module")
+def node_with_images(tmp_path_factory):
+    node = NodeThread(make_settings(tmp_path_factory.mktemp("wado") / "data")).start()
+    images = {
+        "ct": corpus.ct_series(1, size=16)[0],
+        "rle": corpus.compressed(RLELossless),
+        "j2k": corpus.compressed(JPEG2000Lossless),
+        "multiframe": corpus.multiframe(frames=3, size=8),
+        "jpeg": corpus.jpeg_baseline(size=16),
+    }
+    stow_datasets(node.base_url, list(images.values()))
+    yield node, images
+    node.stop()
+
+
+def _url(node, ds, tail: str = "") -> str:
+    return (f"{node.base_url}/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}{tail}")
+
+
+def test_default_transfer_syntax_decodes_a_compressed_instance_to_explicit_little_endian(node_with_images):
+    node, images = node_with_images
+    response = requests.get(_url(node, images["rle"]), headers={"Accept": 'multipart/related; type="application/dicom"'},
+                            timeout=30)
+    [(headers, body)] = split_multipart(response)
+    got = dataset_of(body)
+    assert headers["content-type"] == f"application/dicom; transfer-syntax={ExplicitVRLittleEndian}"
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert got.SOPInstanceUID == images["rle"].SOPInstanceUID
+    assert np.array_equal(got.pixel_array, images["rle"].pixel_array)
+
+
+def test_jpeg2000_instance_is_decoded_on_request(node_with_images):
+    node, images = node_with_images
+    accept = f'multipart/related; type="application/dicom"; transfer-syntax={ExplicitVRLittleEndian}'
+    [(_, body)] = split_multipart(requests.get(_url(node, images["j2k"]), headers={"Accept": accept}, timeout=30))
+    assert np.array_equal(dataset_of(body).pixel_array, images["j2k"].pixel_array)
+
+
+def test_a_transfer_syntax_that_cannot_be_produced_is_406(node_with_images):
+    node, images = node_with_images
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.80'
+    response = requests.get(_url(node, images["rle"]), headers={"Accept": accept}, timeout=30)
+    assert response.status_code == 406
+    assert "transfer-syntax=*" in response.json()["error"]
+
+
+def test_single_instance_as_plain_application_dicom(node_with_images):
+    node, images = node_with_images
+    response = requests.get(_url(node, images["ct"]), headers={"Accept": "application/dicom"}, timeout=30)
+    assert response.headers["Content-Type"].startswith("application/dicom")
+    assert dataset_of(response.content).SOPInstanceUID == images["ct"].SOPInstanceUID
+
+
+def test_metadata_points_pixel_data_to_a_bulkdata_uri_that_returns_it(node_with_images):
+    node, images = node_with_images
+    ct = images["ct"]
+    [meta] = requests.get(_url(node, ct, "/metadata"), timeout=30).json()
+    assert meta["00100010"]["Value"] == [{"Alphabetic": "DOE^JANE"}]
+    uri = meta["7FE00010"]["BulkDataURI"]
+    response = requests.get(uri, headers={"Accept": 'multipart/related; type="application/octet-stream"'}, timeout=30)
+    [(_, body)] = split_multipart(response)
+    assert body == ct.PixelData
+
+
+def test_frames_of_a_native_instance_are_octet_streams(node_with_images):
+    node, images = node_with_images
+    mf = images["multiframe"]
+    response = requests.get(_url(node, mf, "/frames/3,1"), timeout=30)
+    parts = split_multipart(response)
+    frame_size = 8 * 8 * 2
+    assert [h["content-type"] for h, _ in parts] == [f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"] * 2
+    assert [b for _, b in parts] == [mf.PixelData[2 * frame_size:3 * frame_size], mf.PixelData[:frame_size]]
+
+
+def test_compressed_frames_keep_their_media_type_with_transfer_syntax_any(node_with_images):
+    node, images = node_with_images
+    accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    [(headers, body)] = split_multipart(requests.get(_url(node, images["jpeg"], "/frames/1"),
+                                                     headers={"Accept": accept}, timeout=30))
+    assert headers["content-type"] == "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50"
+    assert body[:2] == b"\xff\xd8"
+
+
+def test_compressed_frames_are_decoded_for_an_octet_stream_request(node_with_images):
+    node, images = node_with_images
+    rle = images["rle"]
+    accept = 'multipart/related; type="application/octet-stream"'
+    [(_, body)] = split_multipart(requests.get(_url(node, rle, "/frames/1"), headers={"Accept": accept}, timeout=30))
+    assert body == rle.pixel_array.astype("<i2").tobytes()
+
+
+def test_a_frame_that_does_not_exist_is_404(node_with_images):
+    node, images = node_with_images
+    response = requests.get(_url(node, images["ct"], "/frames/2"), timeout=30)
+    assert response.status_code == 404
+    assert "1 frame" in response.json()["error"]
+
+
+def test_etag_lets_a_client_revalidate_with_304(node_with_images):
+    node, images = node_with_images
+    first = requests.get(_url(node, images["ct"], "/metadata"), timeout=30)
+    assert first.headers["ETag"] and first.headers["Last-Modified"]
+    again = requests.get(_url(node, images["ct"], "/metadata"), headers={"If-None-Match": first.headers["ETag"]},
+                         timeout=30)
+    assert again.status_code == 304
+
+
+def test_unknown_instance_is_404_json(node_with_images):
+    node, images = node_with_images
+    ct = images["ct"]
+    response = requests.get(f"{node.base_url}/dicomweb/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}"
+                            "/instances/1.2.3.999", timeout=30)
+    assert response.status_code == 404
+    assert "not found" in response.json()["error"]
+
+
+def test_delete_series_removes_files_and_rows(start_node):
+    node = start_node()
+    series = corpus.ct_series(2, size=16)
+    stow_datasets(node.base_url, series)
+    paths = [node.archive.instance_path(s) for s in node.archive.instances(series[0].StudyInstanceUID)]
+    response = requests.delete(f"{node.base_url}/dicomweb/studies/{series[0].StudyInstanceUID}"
+                               f"/series/{series[0].SeriesInstanceUID}", timeout=30)
+    assert response.status_code == 204
+    assert requests.get(f"{node.base_url}/dicomweb/studies", timeout=30).json() == []
+    assert not any(p.exists() for p in paths)
+    again = requests.delete(f"{node.base_url}/dicomweb/studies/{series[0].StudyInstanceUID}", timeout=30)
+    assert again.status_code == 404
