@@ -1,0 +1,156 @@
+"""STOW-RS of one request of at least 1 GB; records the server's peak RSS.
+
+Starts ``dicomnode serve`` from this checkout in a subprocess (auth off, a throwaway
+archive), streams one ``multipart/related`` body of large multi-frame instances that is
+generated on the fly (the client never holds it either), then reads the server's peak
+resident set size (VmHWM in /proc/PID/status). Fails when the peak reaches the limit.
+
+    python bench/stow_big_upload.py [--gigabytes 1.0] [--limit-mb 300] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pydicom
+import requests
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
+SIDE = 1024
+FRAMES = 64  # 1024 x 1024 x 2 bytes x 64 frames = 128 MiB of pixel data per instance
+PIXEL_BYTES = SIDE * SIDE * 2 * FRAMES
+CHUNK = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def instance_header(study_uid: str, series_uid: str, number: int) -> bytes:
+    """A Part-10 file up to (and including) the Pixel Data element header; the pixel
+    values follow as a stream."""
+    ds = Dataset()
+    ds.SOPClassUID = MULTIFRAME_WORD_SC
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.PatientID, ds.PatientName = "BIGSTOW", "BENCH^STOW"
+    ds.StudyDate, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "20240101", "OT", 1, number
+    ds.Rows = ds.Columns = SIDE
+    ds.NumberOfFrames = FRAMES
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.FrameIncrementPointer = 0x00181063
+    ds.FrameTime = 40.0
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, PIXEL_BYTES)
+
+
+def body(instances: int, boundary: str) -> Iterator[bytes]:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    block = bytes(range(256)) * (CHUNK // 256)
+    for number in range(1, instances + 1):
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        yield instance_header(study_uid, series_uid, number)
+        for _ in range(PIXEL_BYTES // CHUNK):
+            yield block
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status (Linux only)")
+
+
+def start_server(data: Path) -> tuple[subprocess.Popen, str]:
+    http_port = free_port()
+    config = data / "ae.toml"
+    config.write_text(f'[storage]\npath = "{data / "archive"}"\n[auth]\nrequired = false\n')
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", "--config", str(config), "--ae-port", str(free_port()),
+         "--http-port", str(http_port)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(data / "server.log", "wb"),
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; see {data / 'server.log'}")
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not answer /healthz within 60 s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gigabytes", type=float, default=1.0, help="request size to send (default 1.0)")
+    parser.add_argument("--limit-mb", type=float, default=300.0, help="fail above this peak RSS (default 300)")
+    parser.add_argument("--keep", action="store_true", help="keep the archive folder afterwards")
+    args = parser.parse_args()
+    instances = max(1, -(-int(args.gigabytes * (1 << 30)) // PIXEL_BYTES))
+    data = Path(tempfile.mkdtemp(prefix="stow-big-"))
+    proc, url = start_server(data)
+    try:
+        idle_mb = peak_rss_mb(proc.pid)
+        boundary = uuid.uuid4().hex
+        started = time.perf_counter()
+        response = requests.post(
+            f"{url}/dicomweb/studies", data=body(instances, boundary), timeout=3600,
+            headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+        )
+        elapsed = time.perf_counter() - started
+        stored = len(response.json().get("00081199", {}).get("Value", [])) if response.content else 0
+        peak_mb = peak_rss_mb(proc.pid)
+        sent = instances * PIXEL_BYTES
+        result = {
+            "status": response.status_code,
+            "instances_sent": instances,
+            "instances_stored": stored,
+            "bytes_sent": sent,
+            "seconds": round(elapsed, 1),
+            "mb_per_s": round(sent / elapsed / (1 << 20), 1),
+            "server_rss_mb_before": round(idle_mb, 1),
+            "server_peak_rss_mb": round(peak_mb, 1),
+            "limit_mb": args.limit_mb,
+        }
+        print(json.dumps(result, indent=2))
+        ok = response.status_code == 200 and stored == instances and peak_mb < args.limit_mb
+        return 0 if ok else 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(data)], check=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
