@@ -3,12 +3,13 @@ which can be decoded to Explicit VR Little Endian, and the media types of frames
 from __future__ import annotations
 
 import io
+import struct
 from typing import BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -73,25 +74,50 @@ def transcode_to_explicit_little(fh: BinaryIO) -> bytes:
 
 def read_frames(fh: BinaryIO, numbers: list[int], decode: bool) -> tuple[Dataset, list[bytes]]:
     """The bytes of frames ``numbers`` (1-based): as stored (compressed frames as they
-    are) or, with ``decode``, as native little endian pixels."""
-    ds = pydicom.dcmread(fh)
-    if "PixelData" not in ds:
-        raise LookupError("this instance has no pixel data; it has no frames")
+    are) or, with ``decode``, as native little endian pixels. Only the frames asked for
+    are read from the file, not the whole pixel data."""
+    ds = pydicom.dcmread(fh, stop_before_pixels=True)
+    tsuid = ds.file_meta.TransferSyntaxUID
+    value_start, value_length = _pixel_data_value(fh, tsuid)
     total = frame_count(ds)
     missing = [n for n in numbers if not 1 <= n <= total]
     if missing:
         raise IndexError(f"frame(s) {', '.join(map(str, missing))} do not exist; this instance has {total} frame(s)")
-    tsuid = ds.file_meta.TransferSyntaxUID
     if tsuid.is_compressed and not decode:
-        frames = list(generate_frames(ds.PixelData, number_of_frames=total))
-        return ds, [frames[n - 1] for n in numbers]
-    if not tsuid.is_compressed and tsuid.is_little_endian and int(ds.BitsAllocated) % 8 == 0:
-        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
-        data = ds.PixelData
-        return ds, [bytes(data[(n - 1) * size: n * size]) for n in numbers]
+        offsets = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        out = []
+        for n in numbers:
+            fh.seek(value_start)
+            out.append(get_frame(fh, n - 1, number_of_frames=total, extended_offsets=offsets))
+        return ds, out
+    bits = int(ds.get("BitsAllocated", 8))
+    if not tsuid.is_compressed and tsuid.is_little_endian and bits % 8 == 0:
+        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+        if total * size > value_length:
+            raise LookupError(f"the pixel data holds {value_length} bytes, fewer than {total} frame(s) need")
+        out = []
+        for n in numbers:
+            fh.seek(value_start + (n - 1) * size)
+            out.append(fh.read(size))
+        return ds, out
     out = []
     for n in numbers:
         fh.seek(0)
         pixels = pixel_array(fh, index=n - 1)
         out.append(np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<")).tobytes())
     return ds, out
+
+
+def _pixel_data_value(fh: BinaryIO, tsuid: UID) -> tuple[int, int]:
+    """Where the Pixel Data value starts (``fh`` stands at its element) and its length."""
+    head = fh.read(8)
+    if len(head) < 8 or struct.unpack("<HH" if tsuid.is_little_endian else ">HH", head[:4]) != (0x7FE0, 0x0010):
+        raise LookupError("this instance has no pixel data; it has no frames")
+    order = "<" if tsuid.is_little_endian else ">"
+    if tsuid.is_implicit_VR:
+        length = struct.unpack(order + "I", head[4:8])[0]
+    else:
+        length = struct.unpack(order + "I", fh.read(4))[0]
+    return fh.tell(), length
