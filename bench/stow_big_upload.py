@@ -24,7 +24,6 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-import pydicom
 import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid

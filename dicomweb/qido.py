@@ -18,9 +18,8 @@ from storage.attributes import ATTRIBUTES, BY_KEYWORD, LEVEL_RANK
 from .auth import requires
 from .dicom_json import BULK_THRESHOLD, resolve_attribute, tag_key, value_element
 from .rs_common import (
-    dicom_json_response,
-    archive_of, instance_url, not_acceptable, organizations, parse_accept, path_uid, run_blocking,
-    series_url, study_url,
+    archive_of, base_url, dicom_json_response, encode_json, not_acceptable, organizations, parse_accept, path_uid,
+    resource_url, run_blocking,
 )
 
 routes = web.RouteTableDef()
@@ -91,21 +90,24 @@ async def _search(request: web.Request, level: str, scope: dict[str, str], acros
         raise not_acceptable("a search", JSON_TYPES)
     query, requested = build_query(request.query, level, scope, organizations(request), across_studies)
     archive = archive_of(request)
-    matches = await run_blocking(request, _collect, archive, query)
-    cut = len(matches) > query.limit - 1
-    matches = matches[: query.limit - 1]
-    body = [_result_json(request, level, values, requested) for values in matches]
+    body, shown, cut = await run_blocking(request, _answer, archive, query, base_url(request), level, requested)
     response = dicom_json_response(body)
     if cut:
         response.headers["Warning"] = (
             '299 dicomnode "The number of results exceeded the limit; '
-            'request the next page with offset=' + str(query.offset + len(matches)) + '"'
+            'request the next page with offset=' + str(query.offset + shown) + '"'
         )
     return response
 
 
-def _collect(archive: Archive, query: Query) -> list[dict[str, Any]]:
-    return list(archive.find(query))
+def _answer(archive: Archive, query: Query, base: str, level: str,
+            requested: tuple[str, ...]) -> tuple[bytes, int, bool]:
+    """Run the query and encode the page (in the executor): (JSON, results, was it cut?)."""
+    assert query.limit is not None
+    matches = list(archive.find(query))
+    page = matches[: query.limit - 1]
+    body = [_result_json(base, level, values, requested) for values in page]
+    return encode_json(body), len(page), len(matches) > len(page)
 
 
 def build_query(params: MultiMapping[str], level: str, scope: dict[str, str], orgs: tuple[str, ...] | None,
@@ -197,29 +199,29 @@ def _boolean(params: MultiMapping[str], name: str) -> bool:
     return raw == "true"
 
 
-def _result_json(request: web.Request, level: str, values: dict[str, Any], requested: tuple[str, ...]) -> dict:
+def _result_json(base: str, level: str, values: dict[str, Any], requested: tuple[str, ...]) -> dict:
     out: dict[str, Any] = {"00080005": {"vr": "CS", "Value": ["ISO_IR 192"]}}
     for keyword in requested:
         if keyword not in values:
             continue
         value = values[keyword]
         if hasattr(value, "to_json_dict"):  # an element read from the stored file
-            uri = lambda _path, kw=keyword: (  # noqa: E731
-                instance_url(request, values["StudyInstanceUID"], values["SeriesInstanceUID"],
-                             values["SOPInstanceUID"]) + f"/bulkdata/{tag_key(value.tag)}"
+            uri = lambda _path, tag=value.tag: (  # noqa: E731
+                resource_url(base, values["StudyInstanceUID"], values["SeriesInstanceUID"],
+                             values["SOPInstanceUID"]) + f"/bulkdata/{tag_key(tag)}"
             )
             out[tag_key(value.tag)] = value.to_json_dict(uri, BULK_THRESHOLD)
         else:
             out[tag_key(tag_for_keyword(keyword))] = value_element(keyword, value)
     out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}  # InstanceAvailability
-    out["00081190"] = {"vr": "UR", "Value": [_retrieve_url(request, level, values)]}
+    out["00081190"] = {"vr": "UR", "Value": [_retrieve_url(base, level, values)]}
     return dict(sorted(out.items()))
 
 
-def _retrieve_url(request: web.Request, level: str, values: dict[str, Any]) -> str:
+def _retrieve_url(base: str, level: str, values: dict[str, Any]) -> str:
     study = values["StudyInstanceUID"]
     if level == "STUDY":
-        return study_url(request, study)
+        return resource_url(base, study)
     if level == "SERIES":
-        return series_url(request, study, values["SeriesInstanceUID"])
-    return instance_url(request, study, values["SeriesInstanceUID"], values["SOPInstanceUID"])
+        return resource_url(base, study, values["SeriesInstanceUID"])
+    return resource_url(base, study, values["SeriesInstanceUID"], values["SOPInstanceUID"])

@@ -34,9 +34,13 @@ async def run_blocking(request: web.Request, fn: Callable[..., T], *args: Any, *
 
 def dicom_json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """``application/dicom+json`` exactly (clients compare the media type without a charset;
-    DICOM JSON is UTF-8 by definition, PS3.18 F.2)."""
-    return web.Response(body=json.dumps(body, ensure_ascii=False).encode("utf-8"), status=status,
-                        headers={**(headers or {}), "Content-Type": "application/dicom+json"})
+    DICOM JSON is UTF-8 by definition, PS3.18 F.2). ``body`` may be encoded already."""
+    data = body if isinstance(body, bytes) else encode_json(body)
+    return web.Response(body=data, status=status, headers={**(headers or {}), "Content-Type": "application/dicom+json"})
+
+
+def encode_json(body: object) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
 def archive_of(request: web.Request) -> Archive:
@@ -63,16 +67,26 @@ def base_url(request: web.Request) -> str:
     return f"{request.scheme}://{request.host}{PREFIX}"
 
 
+def resource_url(base: str, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None) -> str:
+    """The WADO-RS URL of a study, series or instance under ``base`` (see :func:`base_url`)."""
+    url = f"{base}/studies/{study_uid}"
+    if series_uid:
+        url += f"/series/{series_uid}"
+        if sop_uid:
+            url += f"/instances/{sop_uid}"
+    return url
+
+
 def study_url(request: web.Request, study_uid: str) -> str:
-    return f"{base_url(request)}/studies/{study_uid}"
+    return resource_url(base_url(request), study_uid)
 
 
 def series_url(request: web.Request, study_uid: str, series_uid: str) -> str:
-    return f"{study_url(request, study_uid)}/series/{series_uid}"
+    return resource_url(base_url(request), study_uid, series_uid)
 
 
 def instance_url(request: web.Request, study_uid: str, series_uid: str, sop_uid: str) -> str:
-    return f"{series_url(request, study_uid, series_uid)}/instances/{sop_uid}"
+    return resource_url(base_url(request), study_uid, series_uid, sop_uid)
 
 
 # --------------------------------------------------------------------------- Accept

@@ -24,7 +24,9 @@ from storage.uids import is_valid_uid
 
 from .auth import principal, requires
 from .keys import SETTINGS
-from .rs_common import dicom_json_response, CHUNK, archive_of, instance_url, parse_accept, path_uid, run_blocking, study_url
+from .rs_common import (
+    CHUNK, archive_of, dicom_json_response, instance_url, parse_accept, path_uid, run_blocking, study_url,
+)
 
 log = logging.getLogger("dicomnode.stow")
 routes = web.RouteTableDef()

@@ -3,7 +3,7 @@
 data; and DELETE of a study, series or instance (admin only)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import pydicom
 from aiohttp import web
@@ -14,7 +14,7 @@ from storage import Archive, NotFound, StoredInstance
 from .auth import requires
 from .dicom_json import dataset_json, find_element
 from .rs_common import (
-    dicom_json_response,
+    dicom_json_response, encode_json,
     MediaRange, MultipartStream, archive_of, instance_url, not_acceptable, not_modified, organizations,
     parse_accept, path_uid, run_blocking, validators,
 )
@@ -134,7 +134,7 @@ async def metadata(request: web.Request) -> web.Response:
     return dicom_json_response(body, headers=headers)
 
 
-def _metadata(archive: Archive, stored: list[StoredInstance], urls: dict[str, str]) -> list[dict[str, Any]]:
+def _metadata(archive: Archive, stored: list[StoredInstance], urls: dict[str, str]) -> bytes:
     out = []
     for item in stored:
         url = urls[item.sop_instance_uid]
@@ -145,7 +145,7 @@ def _metadata(archive: Archive, stored: list[StoredInstance], urls: dict[str, st
             packed = pydicom.uid.UID(item.transfer_syntax_uid).is_compressed or int(ds.get("BitsAllocated", 8)) <= 8
             body["7FE00010"] = {"vr": "OB" if packed else "OW", "BulkDataURI": bulk_uri("7FE00010")}
         out.append(dict(sorted(body.items())))
-    return out
+    return encode_json(out)
 
 
 # --------------------------------------------------------------------------- frames

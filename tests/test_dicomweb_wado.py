@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pydicom
 import pytest
 import requests
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
