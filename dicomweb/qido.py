@@ -126,6 +126,8 @@ def build_query(params: MultiMapping[str], level: str, scope: dict[str, str], or
                 f"(PatientID, 00100020) or one of {', '.join(sorted(CONTROL_PARAMS))}"
             ))
         _check_matchable(keyword, value, level)
+        if keyword in BY_KEYWORD and BY_KEYWORD[keyword].kind == "uid":
+            value = value.replace(",", "\\")  # PS3.18 8.3.4.1: a UID list is comma separated
         if keyword in keys and keys[keyword] != value:
             keys[keyword] = keys[keyword] + "\\" + value  # repeated key: any of the values
         else:

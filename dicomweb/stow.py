@@ -43,6 +43,14 @@ FAILURE_REASON: tuple[tuple[type, int], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class ReceivedPart:
+    """One part of the body: its temp file, or why it was not kept."""
+
+    temp: Path | None
+    refusal: str = ""
+
+
 @dataclass
 class PartOutcome:
     sop_class_uid: str
@@ -68,10 +76,10 @@ async def store_instances_in_study(request: web.Request) -> web.Response:
 async def _store(request: web.Request, expected_study: str | None) -> web.Response:
     _check_content_type(request)
     archive = archive_of(request)
-    temps = await _receive_parts(request, archive)
+    parts = await _receive_parts(request, archive)
     who = principal(request)
     source = Source("http", who.subject, request.remote or "", who.storing_organization)
-    outcomes = await run_blocking(request, _ingest_all, archive, temps, source, expected_study)
+    outcomes = await run_blocking(request, _ingest_all, archive, parts, source, expected_study)
     return _response(request, outcomes, expected_study)
 
 
@@ -90,11 +98,11 @@ def _check_content_type(request: web.Request) -> None:
         raise web.HTTPBadRequest(text="the multipart/related Content-Type has no boundary parameter")
 
 
-async def _receive_parts(request: web.Request, archive: Archive) -> list[Path]:
-    """Write every part to its own temp file; on any error discard them all."""
+async def _receive_parts(request: web.Request, archive: Archive) -> list[ReceivedPart]:
+    """Write every application/dicom part to its own temp file; on any error discard them all."""
     limit = request.app[SETTINGS].http.max_request_mb * 1024 * 1024
     received = 0
-    temps: list[Path] = []
+    parts: list[ReceivedPart] = []
     try:
         reader = await request.multipart()
         while True:
@@ -103,8 +111,13 @@ async def _receive_parts(request: web.Request, archive: Archive) -> list[Path]:
                 break
             if not hasattr(part, "read_chunk"):
                 raise web.HTTPBadRequest(text="nested multipart bodies are not accepted; send one part per instance")
-            fh, temp = await run_blocking(request, archive.new_temp)
-            temps.append(temp)
+            part_type = part.headers.get("Content-Type", DICOM).split(";")[0].strip().lower()
+            fh, temp = None, None
+            if part_type == DICOM:
+                fh, temp = await run_blocking(request, archive.new_temp)
+                parts.append(ReceivedPart(temp))
+            else:
+                parts.append(ReceivedPart(None, f"a part of type {part_type!r}: only application/dicom parts are stored"))
             try:
                 while True:
                     chunk = await part.read_chunk(CHUNK)
@@ -114,16 +127,18 @@ async def _receive_parts(request: web.Request, archive: Archive) -> list[Path]:
                     if received > limit:
                         raise web.HTTPRequestEntityTooLarge(
                             max_size=limit, actual_size=received,
-                            text=f"the request exceeds [http] max_request_mb = {limit >> 20}",
+                            text=f"the request exceeds [http] max_request_mb = {limit >> 20}; nothing was stored",
                         )
-                    await run_blocking(request, fh.write, chunk)
+                    if fh is not None:
+                        await run_blocking(request, fh.write, chunk)
             finally:
-                await run_blocking(request, fh.close)
-        if not temps:
+                if fh is not None:
+                    await run_blocking(request, fh.close)
+        if not parts:
             raise web.HTTPBadRequest(text="the multipart body holds no part; send one application/dicom part per instance")
-        return temps
+        return parts
     except BaseException as exc:
-        await run_blocking(request, _discard_all, archive, temps)
+        await run_blocking(request, _discard_all, archive, parts)
         if isinstance(exc, (ValueError, AssertionError, ConnectionError, HttpProcessingError)):
             log.warning("STOW from %s abandoned, nothing stored: %s", request.remote, exc or type(exc).__name__)
             raise web.HTTPBadRequest(
@@ -133,29 +148,38 @@ async def _receive_parts(request: web.Request, archive: Archive) -> list[Path]:
         raise
 
 
-def _discard_all(archive: Archive, temps: list[Path]) -> None:
-    for temp in temps:
-        archive.discard_temp(temp)
+def _discard_all(archive: Archive, parts: list[ReceivedPart]) -> None:
+    for part in parts:
+        if part.temp is not None:
+            archive.discard_temp(part.temp)
 
 
-def _ingest_all(archive: Archive, temps: list[Path], source: Source, expected_study: str | None) -> list[PartOutcome]:
+def _ingest_all(archive: Archive, parts: list[ReceivedPart], source: Source,
+                expected_study: str | None) -> list[PartOutcome]:
     """Store each received part through the one ingest path (runs in the executor)."""
     outcomes = []
-    for position, temp in enumerate(temps):
-        sop_class, sop_uid = _peek_uids(temp)
-        try:
-            result = archive.store_temp(temp, source, expected_study)
-        except ArchiveError as exc:
-            reason = next((code for cls, code in FAILURE_REASON if isinstance(exc, cls)), 0xA900)
-            if reason == 0xA900 and not (sop_class or sop_uid):
-                reason = 0x0110  # nothing identifies it as a DICOM instance: not DICOM
-            log.warning("STOW part %d from %s refused (0x%04X): %s", position + 1, source, reason, exc.message)
-            outcomes.append(PartOutcome(sop_class, sop_uid, failure_reason=reason, message=exc.message))
+    for position, part in enumerate(parts, start=1):
+        if part.temp is None:
+            log.warning("STOW part %d from %s refused (0x0110): %s", position, source, part.refusal)
+            outcomes.append(PartOutcome("", "", failure_reason=0x0110, message=part.refusal))
             continue
-        finally:
-            archive.discard_temp(temp)
-        outcomes.append(PartOutcome(result.sop_class_uid, result.sop_instance_uid, result.study_uid, result.series_uid))
+        outcomes.append(_ingest_one(archive, part.temp, position, source, expected_study))
     return outcomes
+
+
+def _ingest_one(archive: Archive, temp: Path, position: int, source: Source, expected_study: str | None) -> PartOutcome:
+    sop_class, sop_uid = _peek_uids(temp)
+    try:
+        result = archive.store_temp(temp, source, expected_study)
+    except ArchiveError as exc:
+        reason = next((code for cls, code in FAILURE_REASON if isinstance(exc, cls)), 0xA900)
+        if reason == 0xA900 and not (sop_class or sop_uid):
+            reason = 0x0110  # nothing identifies it as a DICOM instance: not DICOM
+        log.warning("STOW part %d from %s refused (0x%04X): %s", position, source, reason, exc.message)
+        return PartOutcome(sop_class, sop_uid, failure_reason=reason, message=exc.message)
+    finally:
+        archive.discard_temp(temp)
+    return PartOutcome(result.sop_class_uid, result.sop_instance_uid, result.study_uid, result.series_uid)
 
 
 def _peek_uids(temp: Path) -> tuple[str, str]:

@@ -14,9 +14,8 @@ from storage import Archive, NotFound, StoredInstance
 from .auth import requires
 from .dicom_json import dataset_json, find_element
 from .rs_common import (
-    dicom_json_response, encode_json,
-    MediaRange, MultipartStream, archive_of, instance_url, not_acceptable, not_modified, organizations,
-    parse_accept, path_uid, run_blocking, validators,
+    MediaRange, MultipartStream, archive_of, dicom_json_response, encode_json, instance_url, not_acceptable,
+    not_modified, organizations, parse_accept, path_uid, run_blocking, validators,
 )
 from .transfer import (
     ANY, FRAME_MEDIA_TYPE, OCTET_STREAM, can_decode, output_syntax, read_frames, transcode_to_explicit_little,

@@ -104,3 +104,26 @@ def test_study_uid_with_path_characters_is_400(node):
     assert response.status_code == 400
     assert "not a valid DICOM UID" in response.json()["error"]
     assert node.archive.counts()["instances"] == 0
+
+
+def test_a_part_of_another_media_type_is_refused_and_the_rest_stored(node):
+    good = corpus.ct_series(1, size=16)[0]
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + encoded(good)
+            + f"\r\n--{boundary}\r\nContent-Type: application/pdf\r\n\r\n%PDF-1.4 not an instance"
+              f"\r\n--{boundary}--\r\n".encode())
+    response = requests.post(f"{node.base_url}/dicomweb/studies", data=body, timeout=30, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert response.status_code == 202
+    assert _reasons(response) == [0x0110]
+    assert "application/pdf" in response.headers["Warning"]
+    assert node.archive.counts()["instances"] == 1
+
+
+def test_a_request_over_max_request_mb_is_413_and_stores_nothing(start_node):
+    node = start_node(http={"max_request_mb": 1})
+    big = corpus.ct_series(1, size=800)[0]  # 1.28 MB of pixels
+    response = stow(node.base_url, [encoded(corpus.ct_series(1, size=16)[0]), encoded(big)])
+    assert response.status_code == 413
+    assert "max_request_mb" in response.json()["error"]
+    assert node.archive.counts()["instances"] == 0
