@@ -2,8 +2,9 @@
 
 Starts ``dicomnode serve`` from this checkout in a subprocess (auth off, a throwaway
 archive), streams one ``multipart/related`` body of large multi-frame instances that is
-generated on the fly (the client never holds it either), then reads the server's peak
-resident set size (VmHWM in /proc/PID/status). Fails when the peak reaches the limit.
+generated on the fly (the client never holds it either), retrieves the study back with
+WADO-RS, and reads the server's peak resident set size (VmHWM in /proc/PID/status) after
+each. Fails when the peak reaches the limit.
 
     python bench/stow_big_upload.py [--gigabytes 1.0] [--limit-mb 300] [--keep]
 """
@@ -31,8 +32,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 REPO = Path(__file__).resolve().parent.parent
 MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
 SIDE = 1024
-FRAMES = 64  # 1024 x 1024 x 2 bytes x 64 frames = 128 MiB of pixel data per instance
-PIXEL_BYTES = SIDE * SIDE * 2 * FRAMES
+FRAME_BYTES = SIDE * SIDE * 2
 CHUNK = 1 << 20
 
 
@@ -42,7 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def instance_header(study_uid: str, series_uid: str, number: int) -> bytes:
+def instance_header(study_uid: str, series_uid: str, number: int, frames: int) -> bytes:
     """A Part-10 file up to (and including) the Pixel Data element header; the pixel
     values follow as a stream."""
     ds = Dataset()
@@ -52,7 +52,7 @@ def instance_header(study_uid: str, series_uid: str, number: int) -> bytes:
     ds.PatientID, ds.PatientName = "BIGSTOW", "BENCH^STOW"
     ds.StudyDate, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "20240101", "OT", 1, number
     ds.Rows = ds.Columns = SIDE
-    ds.NumberOfFrames = FRAMES
+    ds.NumberOfFrames = frames
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.FrameIncrementPointer = 0x00181063
@@ -63,16 +63,16 @@ def instance_header(study_uid: str, series_uid: str, number: int) -> bytes:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, PIXEL_BYTES)
+    return buf.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frames * FRAME_BYTES)
 
 
-def body(instances: int, boundary: str) -> Iterator[bytes]:
+def body(instances: int, frames: int, boundary: str) -> Iterator[bytes]:
     study_uid, series_uid = generate_uid(), generate_uid()
     block = bytes(range(256)) * (CHUNK // 256)
     for number in range(1, instances + 1):
         yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        yield instance_header(study_uid, series_uid, number)
-        for _ in range(PIXEL_BYTES // CHUNK):
+        yield instance_header(study_uid, series_uid, number, frames)
+        for _ in range(frames * FRAME_BYTES // CHUNK):
             yield block
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
@@ -83,6 +83,17 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc status (Linux only)")
+
+
+def retrieve_study(url: str, study_url: str) -> int:
+    """WADO-RS the whole study back as stored, counting bytes (streamed, not kept)."""
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    total = 0
+    with requests.get(study_url, headers={"Accept": accept}, stream=True, timeout=3600) as response:
+        response.raise_for_status()
+        for chunk in response.iter_content(CHUNK):
+            total += len(chunk)
+    return total
 
 
 def start_server(data: Path) -> tuple[subprocess.Popen, str]:
@@ -113,9 +124,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gigabytes", type=float, default=1.0, help="request size to send (default 1.0)")
     parser.add_argument("--limit-mb", type=float, default=300.0, help="fail above this peak RSS (default 300)")
+    parser.add_argument("--frames", type=int, default=64,
+                        help="1024x1024 16-bit frames per instance (default 64 = 128 MiB; 512 = one 1 GiB instance)")
     parser.add_argument("--keep", action="store_true", help="keep the archive folder afterwards")
     args = parser.parse_args()
-    instances = max(1, -(-int(args.gigabytes * (1 << 30)) // PIXEL_BYTES))
+    instance_bytes = args.frames * FRAME_BYTES
+    instances = max(1, -(-int(args.gigabytes * (1 << 30)) // instance_bytes))
     data = Path(tempfile.mkdtemp(prefix="stow-big-"))
     proc, url = start_server(data)
     try:
@@ -123,13 +137,14 @@ def main() -> int:
         boundary = uuid.uuid4().hex
         started = time.perf_counter()
         response = requests.post(
-            f"{url}/dicomweb/studies", data=body(instances, boundary), timeout=3600,
+            f"{url}/dicomweb/studies", data=body(instances, args.frames, boundary), timeout=3600,
             headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
         )
         elapsed = time.perf_counter() - started
         stored = len(response.json().get("00081199", {}).get("Value", [])) if response.content else 0
         peak_mb = peak_rss_mb(proc.pid)
-        sent = instances * PIXEL_BYTES
+        sent = instances * instance_bytes
+        retrieved = retrieve_study(url, response.json()["00081190"]["Value"][0]) if response.status_code == 200 else 0
         result = {
             "status": response.status_code,
             "instances_sent": instances,
@@ -139,10 +154,13 @@ def main() -> int:
             "mb_per_s": round(sent / elapsed / (1 << 20), 1),
             "server_rss_mb_before": round(idle_mb, 1),
             "server_peak_rss_mb": round(peak_mb, 1),
+            "bytes_retrieved_by_wado_rs": retrieved,
+            "server_peak_rss_mb_after_retrieve": round(peak_rss_mb(proc.pid), 1),
             "limit_mb": args.limit_mb,
         }
         print(json.dumps(result, indent=2))
-        ok = response.status_code == 200 and stored == instances and peak_mb < args.limit_mb
+        ok = (response.status_code == 200 and stored == instances and retrieved >= sent
+              and peak_rss_mb(proc.pid) < args.limit_mb)
         return 0 if ok else 1
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -135,7 +135,8 @@ def to_image(ds: Dataset, pixels: np.ndarray, window: Window | None = None) -> I
     """An 8-bit PIL image of one decoded frame."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric == "PALETTE COLOR":
-        return Image.fromarray(_to_uint8(apply_color_lut(pixels, ds), 16 if ds.get("BitsAllocated", 8) > 8 else 8), "RGB")
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
+        return Image.fromarray(_to_uint8(apply_color_lut(pixels, ds), int(descriptor[2])), "RGB")
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         bits = int(ds.get("BitsStored", 8) or 8)
         return Image.fromarray(_to_uint8(pixels[..., :3], bits), "RGB")

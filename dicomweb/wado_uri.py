@@ -19,17 +19,22 @@ routes = web.RouteTableDef()
 
 DICOM = "application/dicom"
 KNOWN = frozenset({
-    "requestType", "studyUID", "seriesUID", "objectUID", "contentType", "charset", "anonymize", "annotation",
-    "rows", "columns", "region", "windowCenter", "windowWidth", "frameNumber", "imageQuality",
-    "presentationUID", "presentationSeriesUID", "transferSyntax",
+    "requestType", "studyUID", "seriesUID", "objectUID", "contentType", "charset", "annotation",
+    "rows", "columns", "windowCenter", "windowWidth", "frameNumber", "imageQuality", "transferSyntax",
 })
+# Parameters of PS3.18 Table 9.4-1 this node does not implement: refused rather than
+# ignored, so that nobody receives identified data believing it was de-identified.
+UNSUPPORTED = frozenset({"anonymize", "region", "presentationUID", "presentationSeriesUID"})
 
 
 @routes.get("/dicomweb/wado")
 @requires("dicomweb.read")
 async def wado_uri(request: web.Request) -> web.Response:
     query = request.query
-    unknown = sorted(set(query) - KNOWN)
+    unsupported = sorted(set(query) & UNSUPPORTED)
+    if unsupported:
+        raise web.HTTPBadRequest(text=f"WADO-URI parameter(s) {', '.join(unsupported)} are not supported by this node")
+    unknown = sorted(set(query) - KNOWN - UNSUPPORTED)
     if unknown:
         raise web.HTTPBadRequest(text=f"unknown WADO-URI parameter(s) {', '.join(unknown)}; see PS3.18 Table 9.4-1")
     if query.get("requestType") != "WADO":
@@ -84,7 +89,10 @@ def _render_options(query: MultiMapping[str], media_type: str) -> RenderOptions:
         if "windowCenter" in query or "windowWidth" in query:
             if not ("windowCenter" in query and "windowWidth" in query):
                 raise RenderError("windowCenter and windowWidth go together; give both or neither")
-            window = Window(float(query["windowCenter"]), float(query["windowWidth"]))
+            try:
+                window = Window(float(query["windowCenter"]), float(query["windowWidth"]))
+            except ValueError:
+                raise RenderError("windowCenter and windowWidth must be numbers") from None
             if window.width < 1:
                 raise RenderError("windowWidth must be at least 1")
         rows = _positive(query, "rows")

@@ -103,3 +103,18 @@ def test_search_refuses_an_accept_it_cannot_answer_with_406(node_with_studies):
     node, _ = node_with_studies
     response = requests.get(f"{node.base_url}/dicomweb/studies", headers={"Accept": "application/dicom+xml"}, timeout=10)
     assert response.status_code == 406
+
+
+def test_a_comma_separated_uid_list_matches_each_study(node_with_studies):
+    node, studies = node_with_studies
+    wanted = [studies[0][0].StudyInstanceUID, studies[2][0].StudyInstanceUID]
+    found = _get(node, "/studies", StudyInstanceUID=",".join(wanted)).json()
+    assert sorted(r["0020000D"]["Value"][0] for r in found) == sorted(wanted)
+
+
+def test_includefield_all_returns_every_indexed_attribute_of_the_level(node_with_studies):
+    node, studies = node_with_studies
+    ds = studies[0][0]
+    [series] = _get(node, f"/studies/{ds.StudyInstanceUID}/series", includefield="all").json()
+    assert series["00180015"]["Value"] == ["CHEST"]  # BodyPartExamined
+    assert series["00081030"]["Value"] == ["CT CHEST"]  # StudyDescription, from the study level

@@ -160,7 +160,8 @@ def test_wado_uri_returns_the_dicom_file(node_with_images):
 
 @pytest.mark.parametrize("params", [
     {"requestType": "QIDO"}, {"objectUID": "1.2/../3"}, {"windowCenter": "40"}, {"frameNumber": "0"}, {"bogus": "1"},
-], ids=["request-type", "uid-path", "half-window", "frame-zero", "unknown"])
+    {"anonymize": "yes"},
+], ids=["request-type", "uid-path", "half-window", "frame-zero", "unknown", "anonymize-not-silently-ignored"])
 def test_wado_uri_bad_parameters_are_400(node_with_images, params):
     node, images = node_with_images
     response = _wado_uri(node, images["ct"], **params)
