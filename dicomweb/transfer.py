@@ -9,6 +9,7 @@ from typing import BinaryIO
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
 from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian
@@ -64,12 +65,33 @@ def transcode_to_explicit_little(fh: BinaryIO) -> bytes:
     """A Part-10 file in Explicit VR Little Endian (decoded if it was compressed). The
     SOP Instance UID is kept: lossless decoding makes no new instance."""
     ds = pydicom.dcmread(fh)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
+    stored = ds.file_meta.TransferSyntaxUID
+    if stored.is_compressed:
         ds.decompress(generate_instance_uid=False)
+    big_endian = not stored.is_little_endian
+    if big_endian:
+        _swap_binary_values(ds)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    # force_encoding: pydicom will not re-encode big endian data on its own; the binary
+    # values were swapped above and every other value is re-encoded from its Python value.
+    dcmwrite(buf, ds, implicit_vr=False, little_endian=True, force_encoding=big_endian,
+             enforce_file_format=not big_endian)
     return buf.getvalue()
+
+
+_WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_binary_values(ds: Dataset) -> None:
+    """Byte-swap the raw binary values (OW, OF, ...) of a dataset read as big endian."""
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value or []:
+                _swap_binary_values(item)
+        elif element.VR in _WORD_SIZE and element.value:
+            size = _WORD_SIZE[element.VR]
+            element.value = np.frombuffer(element.value, dtype=f">u{size}").astype(f"<u{size}").tobytes()
 
 
 def read_frames(fh: BinaryIO, numbers: list[int], decode: bool) -> tuple[Dataset, list[bytes]]:

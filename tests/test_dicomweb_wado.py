@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pydicom
 import pytest
 import requests
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from tests import corpus
-from tests.conftest import NodeThread, make_settings
+from tests.conftest import NodeThread, dcmtk, make_settings
 from tests.dicomweb_http import dataset_of, split_multipart, stow_datasets
 
 
@@ -140,3 +141,18 @@ def test_delete_series_removes_files_and_rows(start_node):
     assert not any(p.exists() for p in paths)
     again = requests.delete(f"{node.base_url}/dicomweb/studies/{series[0].StudyInstanceUID}", timeout=30)
     assert again.status_code == 404
+
+
+@pytest.mark.parametrize("flag", ["-xb", "-xi"], ids=["big-endian", "implicit-little-endian"])
+def test_an_instance_stored_in_another_uncompressed_syntax_is_sent_as_explicit_little_endian(start_node, tmp_path, flag):
+    node = start_node()
+    [path] = corpus.save(corpus.ct_series(1, size=16), tmp_path / "in")
+    dcmtk("storescu", flag, "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path), check=True)
+    sent = pydicom.dcmread(path)
+    response = requests.get(_url(node, sent), headers={"Accept": 'multipart/related; type="application/dicom"'},
+                            timeout=30)
+    [(_, body)] = split_multipart(response)
+    got = dataset_of(body)
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(got.pixel_array, sent.pixel_array)
+    assert got.PatientName == sent.PatientName and got.RescaleIntercept == sent.RescaleIntercept
