@@ -12,7 +12,7 @@ from config import Settings
 from storage import Archive
 
 from . import operations, qido, rendered, stow, wado, wado_uri
-from .cors import make_cors_middleware
+from .cors import CorsPolicy, install_cors
 from .auth import make_auth_middleware
 from .errors import error_middleware
 from .keys import ARCHIVE, EXECUTOR, SETTINGS
@@ -51,10 +51,11 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     # The identity store (issue 4) plugs its Authenticator in here; until then only
     # public routes answer while [auth] required = true.
     authenticator = None
+    cors = CorsPolicy(settings.http.cors_origins)
     app = web.Application(
         middlewares=[
             access_log_middleware,
-            make_cors_middleware(settings.http.cors_origins),
+            cors.middleware(),
             error_middleware,
             make_auth_middleware(settings.auth.required, authenticator),
         ],
@@ -62,6 +63,7 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     )
     app[SETTINGS] = settings
     app[ARCHIVE] = archive
+    install_cors(app, cors)
 
     async def executor_ctx(app: web.Application):
         pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="http-archive")

@@ -4,6 +4,9 @@ from __future__ import annotations
 import pytest
 import requests
 
+from tests import corpus
+from tests.dicomweb_http import stow_datasets
+
 VIEWER = "https://viewer.example.org"
 
 
@@ -47,3 +50,13 @@ def test_cors_headers_are_on_error_answers_too(start_node):
     response = requests.get(f"{node.base_url}/dicomweb/studies?limit=-1", headers={"Origin": VIEWER}, timeout=30)
     assert response.status_code == 400
     assert response.headers["Access-Control-Allow-Origin"] == VIEWER
+
+
+def test_cors_headers_are_on_streamed_retrievals(start_node):
+    node = start_node(http={"cors_origins": ["*"]})
+    ds = corpus.ct_series(1, size=16)[0]
+    stow_datasets(node.base_url, [ds])
+    response = requests.get(f"{node.base_url}/dicomweb/studies/{ds.StudyInstanceUID}", timeout=30,
+                            headers={"Origin": VIEWER, "Accept": 'multipart/related; type="application/dicom"'})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
