@@ -9,7 +9,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, Callable, Iterable, TypeVar
 
 from aiohttp import web
@@ -251,9 +251,11 @@ def validators(archive: Archive, stored: list[StoredInstance], variant: str = ""
 
 
 def not_modified(request: web.Request, headers: dict[str, str]) -> bool:
-    """True when the client's cached copy (If-None-Match) is still current."""
+    """True when the client's cached copy (If-None-Match, else If-Modified-Since) is current."""
     tags = request.headers.get("If-None-Match")
-    if tags is None:
-        return False
-    etag = headers.get("ETag")
-    return etag is not None and (tags.strip() == "*" or etag in [t.strip() for t in tags.split(",")])
+    if tags is not None:
+        etag = headers.get("ETag")
+        return etag is not None and (tags.strip() == "*" or etag in [t.strip() for t in tags.split(",")])
+    since = request.if_modified_since  # only consulted without If-None-Match (RFC 9110 13.1.3)
+    modified = headers.get("Last-Modified")
+    return since is not None and modified is not None and parsedate_to_datetime(modified) <= since

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder, pixel_array
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .rendering import frame_count
 
@@ -50,20 +50,26 @@ def can_decode(tsuid: str) -> bool:
         return False
 
 
+# Uncompressed syntaxes any stored instance can be turned into (decoding if needed).
+UNCOMPRESSED_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
 def output_syntax(stored: str, requested: str | None) -> str | None:
     """The syntax an instance stored in ``stored`` is sent in for a request of
     ``requested`` (None: the default, Explicit VR Little Endian); None if it can't be."""
     wanted = requested or ExplicitVRLittleEndian
     if wanted == ANY or wanted == stored:
         return stored
-    if wanted == ExplicitVRLittleEndian and can_decode(stored):
-        return ExplicitVRLittleEndian
+    if wanted in UNCOMPRESSED_TARGETS and can_decode(stored):
+        return wanted
     return None
 
 
-def transcode_to_explicit_little(fh: BinaryIO) -> bytes:
-    """A Part-10 file in Explicit VR Little Endian (decoded if it was compressed). The
-    SOP Instance UID is kept: lossless decoding makes no new instance."""
+def transcode(fh: BinaryIO, target: str) -> bytes:
+    """A Part-10 file in ``target`` (one of :data:`UNCOMPRESSED_TARGETS`), decoded if it
+    was compressed. The SOP Instance UID is kept: lossless decoding makes no new instance."""
+    if target not in UNCOMPRESSED_TARGETS:
+        raise ValueError(f"cannot transcode to {target}")
     ds = pydicom.dcmread(fh)
     stored = ds.file_meta.TransferSyntaxUID
     if stored.is_compressed:
@@ -71,12 +77,12 @@ def transcode_to_explicit_little(fh: BinaryIO) -> bytes:
     big_endian = not stored.is_little_endian
     if big_endian:
         _swap_binary_values(ds)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = UID(target)
     buf = io.BytesIO()
     # force_encoding: pydicom will not re-encode big endian data on its own; the binary
     # values were swapped above and every other value is re-encoded from its Python value.
-    dcmwrite(buf, ds, implicit_vr=False, little_endian=True, force_encoding=big_endian,
-             enforce_file_format=not big_endian)
+    dcmwrite(buf, ds, implicit_vr=target == ImplicitVRLittleEndian, little_endian=True,
+             force_encoding=big_endian, enforce_file_format=not big_endian)
     return buf.getvalue()
 
 

@@ -18,7 +18,7 @@ from .rs_common import (
     not_modified, organizations, parse_accept, path_uid, run_blocking, validators,
 )
 from .transfer import (
-    ANY, FRAME_MEDIA_TYPE, OCTET_STREAM, can_decode, output_syntax, read_frames, transcode_to_explicit_little,
+    ANY, FRAME_MEDIA_TYPE, OCTET_STREAM, can_decode, output_syntax, read_frames, transcode,
 )
 
 routes = web.RouteTableDef()
@@ -109,7 +109,7 @@ def _encoded(archive: Archive, item: StoredInstance, syntax: str) -> bytes:
     with archive.open_instance(item) as fh:
         if syntax == item.transfer_syntax_uid:
             return fh.read()
-        return transcode_to_explicit_little(fh)
+        return transcode(fh, syntax)
 
 
 # --------------------------------------------------------------------------- metadata

@@ -13,7 +13,7 @@ from .auth import requires
 from .rendered import http_error
 from .rendering import RENDERED_TYPES, RenderError, RenderOptions, Window, parse_quality, render
 from .rs_common import archive_of, not_modified, organizations, run_blocking, validators
-from .transfer import output_syntax, transcode_to_explicit_little
+from .transfer import output_syntax, transcode
 
 routes = web.RouteTableDef()
 
@@ -121,7 +121,7 @@ def _positive(query: MultiMapping[str], name: str) -> int | None:
 
 def _dicom_bytes(archive: Archive, item: StoredInstance, syntax: str) -> bytes:
     with archive.open_instance(item) as fh:
-        return fh.read() if syntax == item.transfer_syntax_uid else transcode_to_explicit_little(fh)
+        return fh.read() if syntax == item.transfer_syntax_uid else transcode(fh, syntax)
 
 
 def _render(archive: Archive, item: StoredInstance, options: RenderOptions) -> bytes:

@@ -156,3 +156,21 @@ def test_an_instance_stored_in_another_uncompressed_syntax_is_sent_as_explicit_l
     assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert np.array_equal(got.pixel_array, sent.pixel_array)
     assert got.PatientName == sent.PatientName and got.RescaleIntercept == sent.RescaleIntercept
+
+
+def test_implicit_little_endian_can_be_asked_for(node_with_images):
+    node, images = node_with_images
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'
+    [(headers, body)] = split_multipart(requests.get(_url(node, images["rle"]), headers={"Accept": accept}, timeout=30))
+    assert headers["content-type"] == "application/dicom; transfer-syntax=1.2.840.10008.1.2"
+    got = dataset_of(body)
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert np.array_equal(got.pixel_array, images["rle"].pixel_array)
+
+
+def test_if_modified_since_gives_304(node_with_images):
+    node, images = node_with_images
+    first = requests.get(_url(node, images["ct"], "/metadata"), timeout=30)
+    again = requests.get(_url(node, images["ct"], "/metadata"), timeout=30,
+                         headers={"If-Modified-Since": first.headers["Last-Modified"]})
+    assert again.status_code == 304
