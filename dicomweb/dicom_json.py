@@ -2,6 +2,7 @@
 large binary values so that metadata stays small."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -9,6 +10,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
+
+log = logging.getLogger("dicomnode.dicomweb")
 
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 BULK_THRESHOLD = 1024  # binary values longer than this become BulkDataURI
@@ -93,8 +96,25 @@ def dataset_json(ds: Dataset, bulk_uri: Callable[[str], str], path: str = "") ->
     for element in ds:
         if element.tag.group == 0x0002:  # file meta belongs to the file, not the data set
             continue
-        out[tag_key(element.tag)] = element_json(element, bulk_uri, path)
+        out[tag_key(element.tag)] = safe_element_json(element, bulk_uri, path)
     return out
+
+
+def safe_element_json(element: DataElement, bulk_uri: Callable[[str], str], path: str = "") -> dict[str, Any]:
+    """:func:`element_json`, or the value as text when it is malformed (never a 500)."""
+    try:
+        return element_json(element, bulk_uri, path)
+    except (ValueError, TypeError, OverflowError) as exc:
+        log.warning("element %s%s has a malformed value (%s); sent as text", path, tag_key(element.tag), exc)
+        return _as_text(element)
+
+
+def _as_text(element: DataElement) -> dict[str, Any]:
+    """A malformed stored value (a DS of ``abc``) as the text it holds, not a 500."""
+    value = element.value
+    items = list(value) if isinstance(value, (list, MultiValue)) else [value]
+    texts = [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in items if v is not None]
+    return {"vr": element.VR, "Value": texts} if texts else {"vr": element.VR}
 
 
 def find_element(ds: Dataset, path: str) -> DataElement | None:

@@ -16,7 +16,7 @@ from storage import Archive, Query
 from storage.attributes import ATTRIBUTES, BY_KEYWORD, LEVEL_RANK
 
 from .auth import requires
-from .dicom_json import BULK_THRESHOLD, resolve_attribute, tag_key, value_element
+from .dicom_json import resolve_attribute, safe_element_json, tag_key, value_element
 from .rs_common import (
     archive_of, base_url, dicom_json_response, encode_json, not_acceptable, organizations, parse_accept, path_uid,
     resource_url, run_blocking,
@@ -208,11 +208,9 @@ def _result_json(base: str, level: str, values: dict[str, Any], requested: tuple
             continue
         value = values[keyword]
         if hasattr(value, "to_json_dict"):  # an element read from the stored file
-            uri = lambda _path, tag=value.tag: (  # noqa: E731
-                resource_url(base, values["StudyInstanceUID"], values["SeriesInstanceUID"],
-                             values["SOPInstanceUID"]) + f"/bulkdata/{tag_key(tag)}"
-            )
-            out[tag_key(value.tag)] = value.to_json_dict(uri, BULK_THRESHOLD)
+            instance = resource_url(base, values["StudyInstanceUID"], values["SeriesInstanceUID"],
+                                    values["SOPInstanceUID"])
+            out[tag_key(value.tag)] = safe_element_json(value, lambda path: f"{instance}/bulkdata/{path}")
         else:
             out[tag_key(tag_for_keyword(keyword))] = value_element(keyword, value)
     out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}  # InstanceAvailability

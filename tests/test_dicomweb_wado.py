@@ -9,7 +9,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from tests import corpus
 from tests.conftest import NodeThread, dcmtk, make_settings
-from tests.dicomweb_http import dataset_of, split_multipart, stow_datasets
+from tests.dicomweb_http import dataset_of, encoded, split_multipart, stow, stow_datasets
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +174,15 @@ def test_if_modified_since_gives_304(node_with_images):
     again = requests.get(_url(node, images["ct"], "/metadata"), timeout=30,
                          headers={"If-Modified-Since": first.headers["Last-Modified"]})
     assert again.status_code == 304
+
+
+def test_metadata_of_an_instance_with_a_malformed_value_sends_it_as_text(start_node):
+    node = start_node()
+    ds = corpus.ct_series(1, size=16)[0]
+    data = encoded(ds).replace(b"0.5\\0.5", b"abcdefg")  # PixelSpacing (DS) that is not a number
+    assert stow(node.base_url, [data]).status_code == 200
+    response = requests.get(_url(node, ds, "/metadata"), timeout=30)
+    assert response.status_code == 200
+    assert response.json()[0]["00280030"] == {"vr": "DS", "Value": ["abcdefg"]}
+    found = requests.get(f"{node.base_url}/dicomweb/instances", params={"includefield": "PixelSpacing"}, timeout=30)
+    assert found.json()[0]["00280030"] == {"vr": "DS", "Value": ["abcdefg"]}
