@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 import numpy as np
 import pydicom
@@ -22,6 +22,7 @@ PIL_FORMAT = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")
 THUMBNAIL_SIZE = 128
 MAX_ANIMATED_FRAMES = 200
+MAX_ANIMATED_PIXELS = 32_000_000  # all frames of an animated GIF together (bounds memory)
 MAX_VIEWPORT = 8192
 
 
@@ -116,19 +117,35 @@ def render(fh: BinaryIO, options: RenderOptions) -> bytes:
     if options.frame is not None and not 0 <= options.frame < frames:
         raise NoSuchFrame(f"frame {options.frame + 1} does not exist; this instance has {frames} frame(s)")
     if options.frame is None and options.media_type == "image/gif" and frames > 1:
-        indices = list(range(min(frames, MAX_ANIMATED_FRAMES)))
+        pixels_per_frame = int(header.Rows) * int(header.Columns)
+        indices = list(range(min(frames, MAX_ANIMATED_FRAMES, max(1, MAX_ANIMATED_PIXELS // pixels_per_frame))))
     else:
         indices = [options.frame or 0]
-    arrays = []
+    first = _decode(fh, 0 if len(indices) > 1 else indices[0], header, options.viewport)
+    window = options.window
+    if window is None and _needs_common_window(header, first):
+        window = _common_window(header, [first] if len(indices) == 1 else
+                                (_decode(fh, i, header, options.viewport) for i in indices))
+    images = []
     for index in indices:
-        fh.seek(0)
-        try:
-            arrays.append(pixel_array(fh, index=index))
-        except (NotImplementedError, RuntimeError, ValueError) as exc:
-            raise NoImage(f"the pixel data cannot be decoded here ({exc}); retrieve it as application/dicom") from exc
-    window = options.window or _common_window(header, arrays)
-    images = [_fit(to_image(header, pixels, window), options.viewport) for pixels in arrays]
+        pixels = first if index == indices[0] else _decode(fh, index, header, options.viewport)
+        images.append(_fit(to_image(header, pixels, window), options.viewport))
     return encode(images, options, header)
+
+
+def _decode(fh: BinaryIO, index: int, header: Dataset, viewport: tuple[int, int] | None) -> np.ndarray:
+    """One decoded frame; thinned out first when the viewport is at most half its size,
+    so that a thumbnail of a large image stays cheap in memory."""
+    fh.seek(0)
+    try:
+        pixels = pixel_array(fh, index=index)
+    except (NotImplementedError, RuntimeError, ValueError) as exc:
+        raise NoImage(f"the pixel data cannot be decoded here ({exc}); retrieve it as application/dicom") from exc
+    if viewport is not None:
+        step = int(min(int(header.Columns) / viewport[0], int(header.Rows) / viewport[1]))
+        if step >= 2:
+            pixels = pixels[::step, ::step]
+    return pixels
 
 
 def to_image(ds: Dataset, pixels: np.ndarray, window: Window | None = None) -> Image.Image:
@@ -145,7 +162,7 @@ def to_image(ds: Dataset, pixels: np.ndarray, window: Window | None = None) -> I
 
 def grayscale(ds: Dataset, pixels: np.ndarray, window: Window | None = None) -> np.ndarray:
     """Modality LUT, VOI and polarity of a grayscale frame, as uint8 display values."""
-    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    values = apply_modality_lut(pixels, ds).astype(np.float32, copy=False)
     if window is not None:
         shown = apply_window(values, window)
     elif "VOILUTSequence" in ds:
@@ -173,15 +190,20 @@ def apply_window(values: np.ndarray, window: Window) -> np.ndarray:
     return np.clip((values - c) / w + 0.5, 0.0, 1.0) * 255.0
 
 
-def _common_window(ds: Dataset, arrays: list[np.ndarray]) -> Window | None:
-    """For grayscale images with no stored VOI: one window spanning the modality values
-    of every rendered frame (so that the frames of an animation compare)."""
-    if arrays[0].ndim == 3 or str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
-        return None
-    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
-        return None
-    low = min(float(apply_modality_lut(a, ds).min()) for a in arrays)
-    high = max(float(apply_modality_lut(a, ds).max()) for a in arrays)
+def _needs_common_window(ds: Dataset, pixels: np.ndarray) -> bool:
+    """Grayscale with no stored VOI: the window comes from the values themselves."""
+    if pixels.ndim == 3 or str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
+        return False
+    return not ("VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds))
+
+
+def _common_window(ds: Dataset, frames: Iterable[np.ndarray]) -> Window:
+    """One window spanning the modality values of every rendered frame (so that the
+    frames of an animation compare); frames are looked at one at a time."""
+    low, high = np.inf, -np.inf
+    for pixels in frames:
+        values = apply_modality_lut(pixels, ds)
+        low, high = min(low, float(values.min())), max(high, float(values.max()))
     return Window((low + high + 1) / 2, max(high - low + 1, 1.0))
 
 

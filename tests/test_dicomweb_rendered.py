@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from tests import corpus
@@ -21,6 +22,18 @@ def _monochrome1():
     return ds
 
 
+def _with_voi_lut():
+    """An MR image of values 0..255 whose VOI LUT inverts them (8-bit output)."""
+    ds = corpus.mr_series(1, size=16)[0]
+    ds.PixelData = np.arange(256, dtype=np.uint16).reshape(16, 16).tobytes()
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    item.LUTData = list(range(255, -1, -1))
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = [item]
+    return ds
+
+
 @pytest.fixture(scope="module")
 def node_with_images(tmp_path_factory):
     node = NodeThread(make_settings(tmp_path_factory.mktemp("rendered") / "data")).start()
@@ -30,6 +43,7 @@ def node_with_images(tmp_path_factory):
         "mono1": _monochrome1(),
         "multiframe": corpus.multiframe(frames=3, size=8),
         "sr": corpus.structured_report(),
+        "voi-lut": _with_voi_lut(),
     }
     stow_datasets(node.base_url, list(images.values()))
     yield node, images
@@ -86,6 +100,12 @@ def test_monochrome1_renders_inverted(node_with_images):
     expected = 255 - _window_reference(ds, 40, 400)
     assert np.abs(got.astype(np.float64) - expected).mean() < 1.0
     assert got[0, 0] > got[-1, -1]  # low values bright, high values dark
+
+
+def test_a_voi_lut_is_applied(node_with_images):
+    node, images = node_with_images
+    got = _image(requests.get(_url(node, images["voi-lut"], "/rendered"), headers={"Accept": "image/png"}, timeout=30))
+    assert got.tolist() == (255 - np.arange(256)).reshape(16, 16).tolist()
 
 
 def test_a_frame_of_a_multiframe_instance_renders_that_frame(node_with_images):
