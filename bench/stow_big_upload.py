@@ -6,7 +6,7 @@ generated on the fly (the client never holds it either), retrieves the study bac
 WADO-RS, and reads the server's peak resident set size (VmHWM in /proc/PID/status) after
 each. Fails when the peak reaches the limit.
 
-    python bench/stow_big_upload.py [--gigabytes 1.0] [--limit-mb 300] [--keep]
+    python bench/stow_big_upload.py [--gigabytes 1.0] [--frames 64] [--limit-mb 300] [--output FILE] [--keep]
 """
 from __future__ import annotations
 
@@ -127,6 +127,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=64,
                         help="1024x1024 16-bit frames per instance (default 64 = 128 MiB; 512 = one 1 GiB instance)")
     parser.add_argument("--keep", action="store_true", help="keep the archive folder afterwards")
+    parser.add_argument("--output", type=Path, help="also write the result as JSON to this file")
     args = parser.parse_args()
     instance_bytes = args.frames * FRAME_BYTES
     instances = max(1, -(-int(args.gigabytes * (1 << 30)) // instance_bytes))
@@ -159,6 +160,8 @@ def main() -> int:
             "limit_mb": args.limit_mb,
         }
         print(json.dumps(result, indent=2))
+        if args.output:
+            args.output.write_text(json.dumps(result, indent=2) + "\n")
         ok = (response.status_code == 200 and stored == instances and retrieved >= sent
               and peak_rss_mb(proc.pid) < args.limit_mb)
         return 0 if ok else 1

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import uuid
-from pathlib import Path
 
 import pydicom
 import requests
@@ -64,7 +63,3 @@ def split_multipart(response: requests.Response) -> list[tuple[dict[str, str], b
 
 def dataset_of(data: bytes) -> Dataset:
     return pydicom.dcmread(io.BytesIO(data))
-
-
-def file_bytes(path: Path) -> bytes:
-    return path.read_bytes()
