@@ -24,6 +24,9 @@ THUMBNAIL_SIZE = 128
 MAX_ANIMATED_FRAMES = 200
 MAX_ANIMATED_PIXELS = 32_000_000  # all frames of an animated GIF together (bounds memory)
 MAX_VIEWPORT = 8192
+# What decoding or the LUTs raise on data they cannot handle (a missing attribute, a
+# codec with no plugin, a malformed LUT): the image is not renderable, not a server fault.
+DECODE_ERRORS = (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError, TypeError, IndexError)
 
 
 class RenderError(ValueError):
@@ -129,7 +132,10 @@ def render(fh: BinaryIO, options: RenderOptions) -> bytes:
     images = []
     for index in indices:
         pixels = first if index == indices[0] else _decode(fh, index, header, options.viewport)
-        images.append(_fit(to_image(header, pixels, window), options.viewport))
+        try:
+            images.append(_fit(to_image(header, pixels, window), options.viewport))
+        except DECODE_ERRORS as exc:  # attributes the LUTs need are missing or malformed
+            raise NoImage(f"this image cannot be rendered ({exc}); retrieve it as application/dicom") from exc
     return encode(images, options, header)
 
 
@@ -139,7 +145,7 @@ def _decode(fh: BinaryIO, index: int, header: Dataset, viewport: tuple[int, int]
     fh.seek(0)
     try:
         pixels = pixel_array(fh, index=index)
-    except (NotImplementedError, RuntimeError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise NoImage(f"the pixel data cannot be decoded here ({exc}); retrieve it as application/dicom") from exc
     if viewport is not None:
         step = int(min(int(header.Columns) / viewport[0], int(header.Rows) / viewport[1]))

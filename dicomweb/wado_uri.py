@@ -11,7 +11,7 @@ from storage.uids import is_valid_uid
 
 from .auth import requires
 from .rendered import http_error
-from .rendering import RENDERED_TYPES, RenderError, RenderOptions, Window, parse_quality, render
+from .rendering import RENDERED_TYPES, NoImage, RenderError, RenderOptions, Window, parse_quality, render
 from .rs_common import archive_of, not_modified, organizations, run_blocking, validators
 from .transfer import output_syntax, transcode
 
@@ -47,21 +47,34 @@ async def wado_uri(request: web.Request) -> web.Response:
     if not_modified(request, headers):
         return web.Response(status=304, headers=headers)
     if content_type == DICOM:
-        syntax = output_syntax(item.transfer_syntax_uid, query.get("transferSyntax") or None)
-        if syntax is None:
-            raise web.HTTPNotAcceptable(text=(
-                f"instance {sop} is stored as {item.transfer_syntax_uid} and cannot be sent as "
-                f"{query.get('transferSyntax')}; ask for transferSyntax=* or 1.2.840.10008.1.2.1"
-            ))
-        data = await run_blocking(request, _dicom_bytes, archive, item, syntax)
-        return web.Response(body=data, headers={**headers, "Content-Type": DICOM,
-                                               "Content-Disposition": f'attachment; filename="{sop}.dcm"'})
+        return await _dicom_response(request, archive, item, headers)
     options = _render_options(query, content_type)
     try:
         image = await run_blocking(request, _render, archive, item, options)
+    except NoImage as exc:
+        if "contentType" in query:
+            raise http_error(exc) from exc
+        # PS3.18 9.4.2: without contentType a non-image object goes out as application/dicom
+        return await _dicom_response(request, archive, item, headers)
     except RenderError as exc:
         raise http_error(exc) from exc
     return web.Response(body=image, headers={**headers, "Content-Type": content_type})
+
+
+async def _dicom_response(request: web.Request, archive: Archive, item: StoredInstance,
+                          headers: dict[str, str]) -> web.Response:
+    asked = request.query.get("transferSyntax") or None
+    syntax = output_syntax(item.transfer_syntax_uid, asked)
+    if syntax is None:
+        raise web.HTTPNotAcceptable(text=(
+            f"instance {item.sop_instance_uid} is stored as {item.transfer_syntax_uid} and cannot be sent as "
+            f"{asked}; ask for transferSyntax=* or 1.2.840.10008.1.2.1"
+        ))
+    data = await run_blocking(request, _dicom_bytes, archive, item, syntax)
+    return web.Response(body=data, headers={
+        **headers, "Content-Type": DICOM,
+        "Content-Disposition": f'attachment; filename="{item.sop_instance_uid}.dcm"',
+    })
 
 
 def _uid(query: MultiMapping[str], name: str) -> str:

@@ -178,6 +178,20 @@ def test_wado_uri_returns_the_dicom_file(node_with_images):
     assert dataset_of(response.content).SOPInstanceUID == images["ct"].SOPInstanceUID
 
 
+def test_wado_uri_sends_a_non_image_object_as_dicom_when_no_content_type_is_asked(node_with_images):
+    node, images = node_with_images
+    response = _wado_uri(node, images["sr"])
+    assert response.headers["Content-Type"] == "application/dicom"
+    assert dataset_of(response.content).SOPInstanceUID == images["sr"].SOPInstanceUID
+
+
+def test_wado_uri_jpeg_of_a_non_image_object_is_406(node_with_images):
+    node, images = node_with_images
+    response = _wado_uri(node, images["sr"], contentType="image/jpeg")
+    assert response.status_code == 406
+    assert response.json()["error"]
+
+
 @pytest.mark.parametrize("params", [
     {"requestType": "QIDO"}, {"objectUID": "1.2/../3"}, {"windowCenter": "40"}, {"frameNumber": "0"}, {"bogus": "1"},
     {"anonymize": "yes"},
