@@ -160,10 +160,12 @@ async def frames(request: web.Request) -> web.StreamResponse:
     archive = archive_of(request)
     try:
         _, data = await run_blocking(request, _read_frames, archive, item, numbers, decode)
-    except IndexError as exc:
+    except LookupError as exc:  # no such frame, or no pixel data at all
         raise web.HTTPNotFound(text=str(exc)) from exc
-    except LookupError as exc:
-        raise web.HTTPNotFound(text=str(exc)) from exc
+    except (NotImplementedError, RuntimeError, ValueError) as exc:
+        raise web.HTTPNotAcceptable(text=(
+            f"the frames cannot be decoded here ({exc}); ask for transfer-syntax=* to get them as stored"
+        )) from exc
     stream = MultipartStream(request, part_type.split(";")[0])
     base = instance_url(request, item.study_uid, item.series_uid, item.sop_instance_uid)
     for number, frame in zip(numbers, data):
