@@ -85,11 +85,21 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM in /proc status (Linux only)")
 
 
-def retrieve_study(url: str, study_url: str) -> int:
-    """WADO-RS the whole study back as stored, counting bytes (streamed, not kept)."""
+def retrieve_study(study_url: str) -> int:
+    """WADO-RS the whole study back as stored, then the first instance's metadata, its
+    pixel data bulk data and its last frame: bytes received (streamed, not kept)."""
     accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    total = _drain(study_url, accept)
+    [meta] = requests.get(f"{study_url}/metadata", timeout=600).json()[:1]
+    total += _drain(meta["7FE00010"]["BulkDataURI"], 'multipart/related; type="application/octet-stream"')
+    instance_url = meta["7FE00010"]["BulkDataURI"].rsplit("/bulkdata/", 1)[0]
+    frames = meta["00280008"]["Value"][0]
+    return total + _drain(f"{instance_url}/frames/{frames}", 'multipart/related; type="application/octet-stream"')
+
+
+def _drain(url: str, accept: str) -> int:
     total = 0
-    with requests.get(study_url, headers={"Accept": accept}, stream=True, timeout=3600) as response:
+    with requests.get(url, headers={"Accept": accept}, stream=True, timeout=3600) as response:
         response.raise_for_status()
         for chunk in response.iter_content(CHUNK):
             total += len(chunk)
@@ -145,7 +155,7 @@ def main() -> int:
         stored = len(response.json().get("00081199", {}).get("Value", [])) if response.content else 0
         peak_mb = peak_rss_mb(proc.pid)
         sent = instances * instance_bytes
-        retrieved = retrieve_study(url, response.json()["00081190"]["Value"][0]) if response.status_code == 200 else 0
+        retrieved = retrieve_study(response.json()["00081190"]["Value"][0]) if response.status_code == 200 else 0
         result = {
             "status": response.status_code,
             "instances_sent": instances,
@@ -155,7 +165,7 @@ def main() -> int:
             "mb_per_s": round(sent / elapsed / (1 << 20), 1),
             "server_rss_mb_before": round(idle_mb, 1),
             "server_peak_rss_mb": round(peak_mb, 1),
-            "bytes_retrieved_by_wado_rs": retrieved,
+            "bytes_retrieved_by_wado_rs": retrieved,  # study + one pixel data bulk value + one frame
             "server_peak_rss_mb_after_retrieve": round(peak_rss_mb(proc.pid), 1),
             "limit_mb": args.limit_mb,
         }

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import os
 import uuid
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
@@ -207,8 +208,9 @@ class MultipartStream:
         await self.response.write(b"\r\n")
 
     async def write_file_part(self, content_type: str, archive: Archive, stored: StoredInstance,
-                              location: str | None = None) -> None:
-        """Copy a stored file into a part, one chunk per executor call."""
+                              location: str | None = None, offset: int = 0, length: int | None = None) -> None:
+        """Copy a stored file (or ``length`` bytes of it from ``offset``) into a part,
+        one chunk per executor call."""
         await self.start()
         head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
         if location:
@@ -216,10 +218,14 @@ class MultipartStream:
         await self.response.write((head + "\r\n").encode())
         fh = await run_blocking(self.request, archive.open_instance, stored)
         try:
-            while True:
-                chunk = await run_blocking(self.request, fh.read, CHUNK)
+            await run_blocking(self.request, fh.seek, offset)
+            left = length
+            while left is None or left > 0:
+                chunk = await run_blocking(self.request, fh.read, CHUNK if left is None else min(CHUNK, left))
                 if not chunk:
                     break
+                if left is not None:
+                    left -= len(chunk)
                 await self.response.write(chunk)
         finally:
             await run_blocking(self.request, fh.close)
@@ -230,6 +236,22 @@ class MultipartStream:
         await self.response.write(f"--{self.boundary}--\r\n".encode())
         await self.response.write_eof()
         return self.response
+
+
+async def send_file(request: web.Request, archive: Archive, stored: StoredInstance,
+                    headers: dict[str, str]) -> web.StreamResponse:
+    """A stored file as the whole body, streamed from disk in chunks."""
+    response = web.StreamResponse(headers=headers)
+    fh = await run_blocking(request, archive.open_instance, stored)
+    try:
+        response.content_length = await run_blocking(request, lambda: os.fstat(fh.fileno()).st_size)
+        await response.prepare(request)
+        while chunk := await run_blocking(request, fh.read, CHUNK):
+            await response.write(chunk)
+    finally:
+        await run_blocking(request, fh.close)
+    await response.write_eof()
+    return response
 
 
 # --------------------------------------------------------------------------- validators

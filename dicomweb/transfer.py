@@ -106,7 +106,7 @@ def read_frames(fh: BinaryIO, numbers: list[int], decode: bool) -> tuple[Dataset
     are read from the file, not the whole pixel data."""
     ds = pydicom.dcmread(fh, stop_before_pixels=True)
     tsuid = ds.file_meta.TransferSyntaxUID
-    value_start, value_length = _pixel_data_value(fh, tsuid)
+    value_start, value_length = pixel_data_value(fh, tsuid)
     total = frame_count(ds)
     missing = [n for n in numbers if not 1 <= n <= total]
     if missing:
@@ -138,7 +138,7 @@ def read_frames(fh: BinaryIO, numbers: list[int], decode: bool) -> tuple[Dataset
     return ds, out
 
 
-def _pixel_data_value(fh: BinaryIO, tsuid: UID) -> tuple[int, int]:
+def pixel_data_value(fh: BinaryIO, tsuid: UID) -> tuple[int, int]:
     """Where the Pixel Data value starts (``fh`` stands at its element) and its length."""
     head = fh.read(8)
     if len(head) < 8 or struct.unpack("<HH" if tsuid.is_little_endian else ">HH", head[:4]) != (0x7FE0, 0x0010):

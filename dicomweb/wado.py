@@ -15,10 +15,10 @@ from .auth import requires
 from .dicom_json import dataset_json, find_element
 from .rs_common import (
     MediaRange, MultipartStream, archive_of, dicom_json_response, encode_json, instance_url, not_acceptable,
-    not_modified, organizations, parse_accept, path_uid, run_blocking, validators,
+    not_modified, organizations, parse_accept, path_uid, run_blocking, send_file, validators,
 )
 from .transfer import (
-    ANY, FRAME_MEDIA_TYPE, OCTET_STREAM, can_decode, output_syntax, read_frames, transcode,
+    ANY, FRAME_MEDIA_TYPE, OCTET_STREAM, can_decode, output_syntax, pixel_data_value, read_frames, transcode,
 )
 
 routes = web.RouteTableDef()
@@ -26,6 +26,7 @@ routes = web.RouteTableDef()
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 INSTANCE = "/dicomweb/studies/{study}/series/{series}/instances/{instance}"
+PIXEL_DATA = "7FE00010"
 
 
 # --------------------------------------------------------------------------- addressing
@@ -69,8 +70,10 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         return web.Response(status=304, headers=headers)
     if single:
         [(item, syntax)] = plan
-        data = await run_blocking(request, _encoded, archive, item, syntax)
-        return web.Response(body=data, headers={**headers, "Content-Type": f"{DICOM}; transfer-syntax={syntax}"})
+        headers["Content-Type"] = f"{DICOM}; transfer-syntax={syntax}"
+        if syntax == item.transfer_syntax_uid:
+            return await send_file(request, archive, item, headers)
+        return web.Response(body=await run_blocking(request, _transcoded, archive, item, syntax), headers=headers)
     stream = MultipartStream(request, DICOM, headers)
     for item, syntax in plan:
         part_type = f"{DICOM}; transfer-syntax={syntax}"
@@ -78,7 +81,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         if syntax == item.transfer_syntax_uid:
             await stream.write_file_part(part_type, archive, item, location)
         else:
-            await stream.write_part(part_type, await run_blocking(request, _encoded, archive, item, syntax), location)
+            await stream.write_part(part_type, await run_blocking(request, _transcoded, archive, item, syntax), location)
     return await stream.finish()
 
 
@@ -86,6 +89,7 @@ def _plan_dicom(ranges: list[MediaRange], stored: list[StoredInstance],
                 is_instance: bool) -> tuple[list[tuple[StoredInstance, str]], bool]:
     """The syntax each instance goes out in, and whether the answer is a single
     ``application/dicom`` body (only for an instance, when that is what was asked)."""
+    dicom_ranges = []
     for media in ranges:
         single = media.media_type == DICOM
         if single and not is_instance:
@@ -93,10 +97,14 @@ def _plan_dicom(ranges: list[MediaRange], stored: list[StoredInstance],
         if not (single or media.media_type in ("*/*", "multipart/*")
                 or (media.is_multipart and media.part_type in ("", DICOM, "application/*", "*/*"))):
             continue
+        dicom_ranges.append(media)
         plan = [(item, output_syntax(item.transfer_syntax_uid, media.transfer_syntax)) for item in stored]
         if all(syntax is not None for _, syntax in plan):
             return plan, single  # type: ignore[return-value]
-    asked = ", ".join(r.transfer_syntax or ExplicitVRLittleEndian for r in ranges)
+    if not dicom_ranges:
+        raise not_acceptable("DICOM instances", ['multipart/related; type="application/dicom"']
+                             + (["application/dicom"] if is_instance else []))
+    asked = ", ".join(r.transfer_syntax or ExplicitVRLittleEndian for r in dicom_ranges)
     raise web.HTTPNotAcceptable(text=(
         f"cannot send these instances in the transfer syntax asked for ({asked}): they are stored as "
         + ", ".join(sorted({s.transfer_syntax_uid for s in stored}))
@@ -105,10 +113,8 @@ def _plan_dicom(ranges: list[MediaRange], stored: list[StoredInstance],
     ))
 
 
-def _encoded(archive: Archive, item: StoredInstance, syntax: str) -> bytes:
+def _transcoded(archive: Archive, item: StoredInstance, syntax: str) -> bytes:
     with archive.open_instance(item) as fh:
-        if syntax == item.transfer_syntax_uid:
-            return fh.read()
         return transcode(fh, syntax)
 
 
@@ -221,14 +227,35 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
                for r in parse_accept(request.headers.get("Accept"))):
         raise not_acceptable("bulk data", (f'multipart/related; type="{OCTET_STREAM}"',))
     [item] = await stored_instances(request)
-    value = await run_blocking(request, _bulk_value, archive_of(request), item, request.match_info["path"])
+    archive = archive_of(request)
+    path = request.match_info["path"].strip("/").upper()
     stream = MultipartStream(request, OCTET_STREAM)
+    if path == PIXEL_DATA:
+        where = await run_blocking(request, _native_pixel_data, archive, item)
+        if where is not None:  # native pixel data: streamed straight from the file
+            await stream.write_file_part(OCTET_STREAM, archive, item, str(request.url), *where)
+            return await stream.finish()
+    value = await run_blocking(request, _bulk_value, archive, item, path)
     await stream.write_part(OCTET_STREAM, value, str(request.url))
     return await stream.finish()
 
 
+def _native_pixel_data(archive: Archive, item: StoredInstance) -> tuple[int, int] | None:
+    """(offset, length) of native little endian pixel data in the file; None otherwise."""
+    syntax = pydicom.uid.UID(item.transfer_syntax_uid)
+    if syntax.is_compressed or not syntax.is_little_endian:
+        return None
+    with archive.open_instance(item) as fh:
+        pydicom.dcmread(fh, stop_before_pixels=True)
+        try:
+            return pixel_data_value(fh, syntax)
+        except LookupError:
+            raise NotFound(f"instance {item.sop_instance_uid} has no pixel data") from None
+
+
 def _bulk_value(archive: Archive, item: StoredInstance, path: str) -> bytes:
-    ds = archive.read_dataset(item)
+    with archive.open_instance(item) as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=not path.startswith("7FE0"))
     element = find_element(ds, path)
     if element is None or not isinstance(element.value, (bytes, bytearray)):
         raise NotFound(f"instance {item.sop_instance_uid} has no bulk data at {path}")

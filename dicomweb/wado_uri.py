@@ -12,7 +12,7 @@ from storage.uids import is_valid_uid
 from .auth import requires
 from .rendered import http_error
 from .rendering import RENDERED_TYPES, NoImage, RenderError, RenderOptions, Window, parse_quality, render
-from .rs_common import archive_of, not_modified, organizations, run_blocking, validators
+from .rs_common import archive_of, not_modified, organizations, run_blocking, send_file, validators
 from .transfer import output_syntax, transcode
 
 routes = web.RouteTableDef()
@@ -29,7 +29,7 @@ UNSUPPORTED = frozenset({"anonymize", "region", "presentationUID", "presentation
 
 @routes.get("/dicomweb/wado")
 @requires("dicomweb.read")
-async def wado_uri(request: web.Request) -> web.Response:
+async def wado_uri(request: web.Request) -> web.StreamResponse:
     query = request.query
     unsupported = sorted(set(query) & UNSUPPORTED)
     if unsupported:
@@ -62,7 +62,7 @@ async def wado_uri(request: web.Request) -> web.Response:
 
 
 async def _dicom_response(request: web.Request, archive: Archive, item: StoredInstance,
-                          headers: dict[str, str]) -> web.Response:
+                          headers: dict[str, str]) -> web.StreamResponse:
     asked = request.query.get("transferSyntax") or None
     syntax = output_syntax(item.transfer_syntax_uid, asked)
     if syntax is None:
@@ -70,11 +70,11 @@ async def _dicom_response(request: web.Request, archive: Archive, item: StoredIn
             f"instance {item.sop_instance_uid} is stored as {item.transfer_syntax_uid} and cannot be sent as "
             f"{asked}; ask for transferSyntax=* or 1.2.840.10008.1.2.1"
         ))
-    data = await run_blocking(request, _dicom_bytes, archive, item, syntax)
-    return web.Response(body=data, headers={
-        **headers, "Content-Type": DICOM,
-        "Content-Disposition": f'attachment; filename="{item.sop_instance_uid}.dcm"',
-    })
+    headers = {**headers, "Content-Type": DICOM,
+               "Content-Disposition": f'attachment; filename="{item.sop_instance_uid}.dcm"'}
+    if syntax == item.transfer_syntax_uid:
+        return await send_file(request, archive, item, headers)
+    return web.Response(body=await run_blocking(request, _transcoded, archive, item, syntax), headers=headers)
 
 
 def _uid(query: MultiMapping[str], name: str) -> str:
@@ -132,9 +132,9 @@ def _positive(query: MultiMapping[str], name: str) -> int | None:
     return value
 
 
-def _dicom_bytes(archive: Archive, item: StoredInstance, syntax: str) -> bytes:
+def _transcoded(archive: Archive, item: StoredInstance, syntax: str) -> bytes:
     with archive.open_instance(item) as fh:
-        return fh.read() if syntax == item.transfer_syntax_uid else transcode(fh, syntax)
+        return transcode(fh, syntax)
 
 
 def _render(archive: Archive, item: StoredInstance, options: RenderOptions) -> bytes:

@@ -186,3 +186,20 @@ def test_metadata_of_an_instance_with_a_malformed_value_sends_it_as_text(start_n
     assert response.json()[0]["00280030"] == {"vr": "DS", "Value": ["abcdefg"]}
     found = requests.get(f"{node.base_url}/dicomweb/instances", params={"includefield": "PixelSpacing"}, timeout=30)
     assert found.json()[0]["00280030"] == {"vr": "DS", "Value": ["abcdefg"]}
+
+
+def test_a_browser_accept_header_on_a_study_is_406_naming_the_media_type(node_with_images):
+    node, images = node_with_images
+    ct = images["ct"]
+    response = requests.get(f"{node.base_url}/dicomweb/studies/{ct.StudyInstanceUID}",
+                            headers={"Accept": "text/html"}, timeout=30)
+    assert response.status_code == 406
+    assert 'type="application/dicom"' in response.json()["error"]
+
+
+def test_bulkdata_of_compressed_pixel_data_is_the_encapsulated_value(node_with_images):
+    node, images = node_with_images
+    rle = images["rle"]
+    [meta] = requests.get(_url(node, rle, "/metadata"), timeout=30).json()
+    [(_, body)] = split_multipart(requests.get(meta["7FE00010"]["BulkDataURI"], timeout=30))
+    assert body == rle.PixelData
