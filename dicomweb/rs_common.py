@@ -150,6 +150,14 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     return [r for r in ranges if r.quality > 0]
 
 
+def parse_media_type(header: str | None) -> MediaRange | None:
+    """A Content-Type header as a media type with its parameters (None if absent)."""
+    if not header or not header.strip():
+        return None
+    entries = parse_accept(_split_outside_quotes(header, ",")[0])
+    return entries[0] if entries else None
+
+
 def _split_outside_quotes(text: str, sep: str) -> list[str]:
     out, current, quoted = [], [], False
     for ch in text:

@@ -25,7 +25,7 @@ from storage.uids import is_valid_uid
 from .auth import principal, requires
 from .keys import SETTINGS
 from .rs_common import (
-    CHUNK, archive_of, dicom_json_response, instance_url, parse_accept, path_uid, run_blocking, study_url,
+    CHUNK, archive_of, dicom_json_response, instance_url, parse_media_type, path_uid, run_blocking, study_url,
 )
 
 log = logging.getLogger("dicomnode.stow")
@@ -80,11 +80,11 @@ async def _store(request: web.Request, expected_study: str | None) -> web.Respon
     who = principal(request)
     source = Source("http", who.subject, request.remote or "", who.storing_organization)
     outcomes = await run_blocking(request, _ingest_all, archive, parts, source, expected_study)
-    return _response(request, outcomes, expected_study)
+    return _response(request, outcomes)
 
 
 def _check_content_type(request: web.Request) -> None:
-    [content_type] = parse_accept(request.headers.get("Content-Type", "")) or [None]
+    content_type = parse_media_type(request.headers.get("Content-Type"))
     if content_type is None or content_type.media_type != "multipart/related":
         raise web.HTTPUnsupportedMediaType(
             text='STOW-RS takes Content-Type: multipart/related; type="application/dicom"; boundary=...'
@@ -193,13 +193,13 @@ def _peek_uids(temp: Path) -> tuple[str, str]:
     return tuple(uid if is_valid_uid(uid) else "" for uid in found)  # type: ignore[return-value]
 
 
-def _response(request: web.Request, outcomes: list[PartOutcome], expected_study: str | None) -> web.Response:
+def _response(request: web.Request, outcomes: list[PartOutcome]) -> web.Response:
     stored = [o for o in outcomes if o.failure_reason is None]
     failed = [o for o in outcomes if o.failure_reason is not None]
     body: dict[str, dict] = {}
     studies = {o.study_uid for o in stored}
-    if expected_study or len(studies) == 1:
-        body["00081190"] = {"vr": "UR", "Value": [study_url(request, expected_study or studies.pop())]}
+    if len(studies) == 1:  # the study's RetrieveURL, when everything stored went to one study
+        body["00081190"] = {"vr": "UR", "Value": [study_url(request, studies.pop())]}
     if failed:
         body["00081198"] = {"vr": "SQ", "Value": [_failed_item(o) for o in failed]}
     if stored:
