@@ -1,8 +1,11 @@
 """STOW-RS: the store response, failure reasons, and bad bodies that store nothing."""
 from __future__ import annotations
 
+import io
 import socket
 
+import numpy as np
+import pydicom
 import requests
 
 from tests import corpus
@@ -127,3 +130,19 @@ def test_a_request_over_max_request_mb_is_413_and_stores_nothing(start_node):
     assert response.status_code == 413
     assert "max_request_mb" in response.json()["error"]
     assert node.archive.counts()["instances"] == 0
+
+
+def test_a_dataset_with_file_meta_but_no_preamble_keeps_its_transfer_syntax(node):
+    """pydicom.dcmwrite (what dicomweb-client sends for datasets built in memory) writes
+    the file meta group without the 128-byte preamble and DICM prefix."""
+    jpeg = corpus.jpeg_baseline(size=16)
+    written = io.BytesIO()
+    pydicom.dcmwrite(written, jpeg)
+    assert written.getvalue()[128:132] != b"DICM"
+    assert stow(node.base_url, [written.getvalue()]).status_code == 200
+    [stored] = node.archive.instances(jpeg.StudyInstanceUID)
+    assert stored.transfer_syntax_uid == jpeg.file_meta.TransferSyntaxUID
+    kept = pydicom.dcmread(node.archive.instance_path(stored))
+    assert kept.file_meta.TransferSyntaxUID == jpeg.file_meta.TransferSyntaxUID
+    assert kept.PixelData == jpeg.PixelData
+    assert np.array_equal(kept.pixel_array, jpeg.pixel_array)
