@@ -64,8 +64,23 @@ def path_uid(request: web.Request, name: str) -> str:
 
 
 def base_url(request: web.Request) -> str:
-    """Scheme, host and DICOMweb prefix as the client addressed us (for RetrieveURL)."""
-    return f"{request.scheme}://{request.host}{PREFIX}"
+    """Scheme, host and DICOMweb prefix as the client addressed us (for RetrieveURL,
+    BulkDataURI). Behind a reverse proxy its X-Forwarded-Proto / -Host say what the
+    client used. A direct Host header without a port (dicomweb-client sends one) gets
+    the port the connection came in on, unless that is the scheme's default."""
+    forwarded_host = request.headers.get("X-Forwarded-Host")
+    forwarded_proto = request.headers.get("X-Forwarded-Proto")
+    if forwarded_host or forwarded_proto:
+        scheme = (forwarded_proto or request.scheme).split(",")[0].strip()
+        host = (forwarded_host or request.host).split(",")[0].strip()
+        return f"{scheme}://{host}{PREFIX}"
+    host = request.host
+    if ":" not in host.rpartition("]")[2]:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        port = sockname[1] if sockname else None
+        if port and port != {"http": 80, "https": 443}.get(request.scheme):
+            host = f"{host}:{port}"
+    return f"{request.scheme}://{host}{PREFIX}"
 
 
 def resource_url(base: str, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None) -> str:

@@ -98,3 +98,18 @@ def test_qido_finds_what_storescu_stored(start_node, tmp_path):
     client = DICOMwebClient(f"{node.base_url}/dicomweb")
     [study] = client.search_for_studies(search_filters={"AccessionNumber": "DIMSE42"})
     assert pydicom.Dataset.from_json(study).StudyInstanceUID == pydicom.dcmread(path).StudyInstanceUID
+
+
+def test_bulkdata_uris_work_for_dicomweb_client_which_sends_host_without_port(stored):
+    node, client, files = stored
+    ds = pydicom.dcmread(next(iter(files.values())), stop_before_pixels=True)
+    meta = client.retrieve_instance_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert f":{node.http_port}/" in meta["7FE00010"]["BulkDataURI"]
+    assert client.retrieve_bulkdata(meta["7FE00010"]["BulkDataURI"])[0] == pydicom.dcmread(files[ds.SOPInstanceUID]).PixelData
+
+
+def test_urls_follow_the_reverse_proxy_headers(stored):
+    node, _, _ = stored
+    found = requests.get(f"{node.base_url}/dicomweb/studies", params={"limit": 1}, timeout=30,
+                         headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.example.org"}).json()
+    assert found[0]["00081190"]["Value"][0].startswith("https://pacs.example.org/dicomweb/studies/")
