@@ -65,6 +65,30 @@ def output_syntax(stored: str, requested: str | None) -> str | None:
     return None
 
 
+MAX_TRANSCODE_BYTES = 512 << 20  # decoded size above which an instance is only sent as stored
+
+
+class TooLargeToTranscode(ValueError):
+    """Decoding this instance in memory would cost more than :data:`MAX_TRANSCODE_BYTES`."""
+
+
+def check_transcodable(fh: BinaryIO, sop_instance_uid: str) -> None:
+    """Refuse (before anything is sent) an instance whose decoded pixels are too large
+    to build in memory; the client can still have it as stored."""
+    header = pydicom.dcmread(fh, stop_before_pixels=True)
+    try:
+        frames = int(header.get("NumberOfFrames") or 1)
+        decoded = (int(header.get("Rows") or 0) * int(header.get("Columns") or 0) * frames
+                   * int(header.get("SamplesPerPixel") or 1) * int(header.get("BitsAllocated") or 8) // 8)
+    except (TypeError, ValueError):
+        return
+    if decoded > MAX_TRANSCODE_BYTES:
+        raise TooLargeToTranscode(
+            f"instance {sop_instance_uid} decodes to {decoded >> 20} MB, more than this node decodes in memory "
+            f"({MAX_TRANSCODE_BYTES >> 20} MB); ask for transfer-syntax=* to get it as stored"
+        )
+
+
 def transcode(fh: BinaryIO, target: str) -> bytes:
     """A Part-10 file in ``target`` (one of :data:`UNCOMPRESSED_TARGETS`), decoded if it
     was compressed. The SOP Instance UID is kept: lossless decoding makes no new instance."""

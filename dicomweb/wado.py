@@ -18,7 +18,8 @@ from .rs_common import (
     not_modified, organizations, parse_accept, path_uid, run_blocking, send_file, validators,
 )
 from .transfer import (
-    ANY, FRAME_MEDIA_TYPE, OCTET_STREAM, can_decode, output_syntax, pixel_data_value, read_frames, transcode,
+    ANY, FRAME_MEDIA_TYPE, OCTET_STREAM, TooLargeToTranscode, can_decode, check_transcodable, output_syntax,
+    pixel_data_value, read_frames, transcode,
 )
 
 routes = web.RouteTableDef()
@@ -65,6 +66,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     ranges = parse_accept(request.headers.get("Accept"))
     plan, single = _plan_dicom(ranges, stored, is_instance="instance" in request.match_info)
     archive = archive_of(request)
+    await run_blocking(request, check_plan_transcodable, archive, plan)
     headers = await run_blocking(request, validators, archive, stored, request.headers.get("Accept", ""))
     if not_modified(request, headers):
         return web.Response(status=304, headers=headers)
@@ -111,6 +113,17 @@ def _plan_dicom(ranges: list[MediaRange], stored: list[StoredInstance],
         + '; ask for transfer-syntax=* (as stored) or 1.2.840.10008.1.2.1 (decoded), e.g. '
         'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
     ))
+
+
+def check_plan_transcodable(archive: Archive, plan: list[tuple[StoredInstance, str]]) -> None:
+    """406 before streaming starts if an instance to transcode is too large for memory."""
+    for item, syntax in plan:
+        if syntax != item.transfer_syntax_uid:
+            with archive.open_instance(item) as fh:
+                try:
+                    check_transcodable(fh, item.sop_instance_uid)
+                except TooLargeToTranscode as exc:
+                    raise web.HTTPNotAcceptable(text=str(exc)) from exc
 
 
 def _transcoded(archive: Archive, item: StoredInstance, syntax: str) -> bytes:

@@ -14,6 +14,7 @@ from .rendered import http_error
 from .rendering import RENDERED_TYPES, NoImage, RenderError, RenderOptions, Window, parse_quality, render
 from .rs_common import archive_of, not_modified, organizations, run_blocking, send_file, validators
 from .transfer import output_syntax, transcode
+from .wado import check_plan_transcodable
 
 routes = web.RouteTableDef()
 
@@ -74,6 +75,7 @@ async def _dicom_response(request: web.Request, archive: Archive, item: StoredIn
                "Content-Disposition": f'attachment; filename="{item.sop_instance_uid}.dcm"'}
     if syntax == item.transfer_syntax_uid:
         return await send_file(request, archive, item, headers)
+    await run_blocking(request, check_plan_transcodable, archive, [(item, syntax)])
     return web.Response(body=await run_blocking(request, _transcoded, archive, item, syntax), headers=headers)
 
 

@@ -203,3 +203,13 @@ def test_bulkdata_of_compressed_pixel_data_is_the_encapsulated_value(node_with_i
     [meta] = requests.get(_url(node, rle, "/metadata"), timeout=30).json()
     [(_, body)] = split_multipart(requests.get(meta["7FE00010"]["BulkDataURI"], timeout=30))
     assert body == rle.PixelData
+
+
+def test_an_instance_too_large_to_decode_in_memory_is_406_before_anything_is_sent(start_node):
+    node = start_node()
+    ds = corpus.jpeg_baseline(size=32)
+    ds.NumberOfFrames = 600_000  # 32 x 32 x 600000 bytes decoded: over the 512 MB in-memory bound
+    stow_datasets(node.base_url, [ds])
+    response = requests.get(_url(node, ds), headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=30)
+    assert response.status_code == 406
+    assert "transfer-syntax=*" in response.json()["error"]
