@@ -11,7 +11,8 @@ from aiohttp import web
 from config import Settings
 from storage import Archive
 
-from . import identity_routes, operations, ups_rs, workitems_api
+from . import identity_routes, operations, qido, rendered, stow, ups_rs, wado, wado_uri, workitems_api
+from .cors import CorsPolicy, install_cors
 from .auth import make_auth_middleware
 from .credentials import IdentityService
 from .errors import error_middleware
@@ -22,7 +23,7 @@ from .tokens import signer_for
 log = logging.getLogger("dicomnode.http")
 
 # Route families, in the order they are matched.
-FAMILIES = (operations, identity_routes, workitems_api, ups_rs)
+FAMILIES = (operations, identity_routes, stow, qido, wado, rendered, wado_uri, workitems_api, ups_rs)
 
 
 @web.middleware
@@ -52,9 +53,11 @@ def _family(path: str) -> str:
 def create_app(settings: Settings, archive: Archive) -> web.Application:
     signer = signer_for(settings)
     authenticator = IdentityService(archive.identity, signer)
+    cors = CorsPolicy(settings.http.cors_origins)
     app = web.Application(
         middlewares=[
             access_log_middleware,
+            cors.middleware(),
             error_middleware,
             make_auth_middleware(settings.auth.required, authenticator),
         ],
@@ -64,6 +67,7 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     app[ARCHIVE] = archive
     app[TOKEN_SIGNER] = signer
     app[LOGIN_LIMITER] = RateLimiter()
+    install_cors(app, cors)
 
     async def executor_ctx(app: web.Application):
         pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="http-archive")

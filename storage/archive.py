@@ -461,12 +461,18 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
         implicit, little = ds.original_encoding
         if implicit is None:
             raise NotDicom("not a DICOM file: the encoding could not be determined")
-        tsuid = (
-            pydicom.uid.ImplicitVRLittleEndian
-            if implicit
-            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
-        )
+        # A file meta group without the preamble (what pydicom.dcmwrite writes by default)
+        # names the transfer syntax, which the body's encoding alone cannot tell apart
+        # from a compressed one: keep it, and skip that group when the meta is rewritten.
+        meta_bytes = _bare_meta_group_size(fh) if tsuid is not None else 0
+        if not meta_bytes:
+            tsuid = (
+                pydicom.uid.ImplicitVRLittleEndian
+                if implicit
+                else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+            )
         ds._dicomnode_has_meta = False  # type: ignore[attr-defined]
+        ds._dicomnode_meta_bytes = meta_bytes  # type: ignore[attr-defined]
     try:
         # touch the attributes the index needs, so a malformed value fails here
         for level in COLUMNS_BY_LEVEL.values():
@@ -489,10 +495,33 @@ def _add_file_meta(temp: Path, ds: Dataset, tsuid: str, blobs: BlobStore) -> tup
     with fh, open(temp, "rb") as src:
         fh.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(fh, meta, enforce_standard=True)
+        src.seek(getattr(ds, "_dicomnode_meta_bytes", 0))
         shutil.copyfileobj(src, fh, _COPY_CHUNK)
         size = fh.tell()
     blobs.discard_temp(temp)
     return new_temp, size
+
+
+def _bare_meta_group_size(fh: BinaryIO) -> int:
+    """Bytes of the group 0002 elements at the very start of a file with no preamble
+    (explicit VR little endian, PS3.10 7.1); 0 when the file does not start so."""
+    fh.seek(0)
+    end = 0
+    while True:
+        head = fh.read(8)
+        if len(head) < 8 or int.from_bytes(head[:2], "little") != 0x0002:
+            return end
+        vr = head[4:6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length = int.from_bytes(fh.read(4), "little")
+            header = 12
+        else:
+            length = int.from_bytes(head[6:8], "little")
+            header = 8
+        if length == 0xFFFFFFFF:
+            return 0  # not a meta group this node can skip safely
+        end += header + length
+        fh.seek(end)
 
 
 def _column_value(ds: Dataset, keyword: str, kind: str) -> Any:
