@@ -12,6 +12,8 @@ from typing import Sequence
 
 from config import ConfigError, Settings, load_settings
 
+from .identity_commands import add_identity_commands
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Validate ae.toml; exits 2 with the reason when it is wrong.")
     config_arg(check)
     check.set_defaults(func=cmd_check)
+    add_identity_commands(sub, config_arg)
     return parser
 
 

@@ -11,15 +11,19 @@ from aiohttp import web
 from config import Settings
 from storage import Archive
 
-from . import operations
+from . import identity_routes, operations, qido, rendered, stow, ups_rs, wado, wado_uri, workitems_api
+from .cors import CorsPolicy, install_cors
 from .auth import make_auth_middleware
+from .credentials import IdentityService
 from .errors import error_middleware
-from .keys import ARCHIVE, EXECUTOR, SETTINGS
+from .keys import ARCHIVE, EXECUTOR, LOGIN_LIMITER, SETTINGS, TOKEN_SIGNER
+from .limits import RateLimiter
+from .tokens import signer_for
 
 log = logging.getLogger("dicomnode.http")
 
 # Route families, in the order they are matched.
-FAMILIES = (operations,)
+FAMILIES = (operations, identity_routes, stow, qido, wado, rendered, wado_uri, workitems_api, ups_rs)
 
 
 @web.middleware
@@ -47,12 +51,13 @@ def _family(path: str) -> str:
 
 
 def create_app(settings: Settings, archive: Archive) -> web.Application:
-    # The identity store (issue 4) plugs its Authenticator in here; until then only
-    # public routes answer while [auth] required = true.
-    authenticator = None
+    signer = signer_for(settings)
+    authenticator = IdentityService(archive.identity, signer)
+    cors = CorsPolicy(settings.http.cors_origins)
     app = web.Application(
         middlewares=[
             access_log_middleware,
+            cors.middleware(),
             error_middleware,
             make_auth_middleware(settings.auth.required, authenticator),
         ],
@@ -60,6 +65,9 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     )
     app[SETTINGS] = settings
     app[ARCHIVE] = archive
+    app[TOKEN_SIGNER] = signer
+    app[LOGIN_LIMITER] = RateLimiter()
+    install_cors(app, cors)
 
     async def executor_ctx(app: web.Application):
         pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="http-archive")
@@ -70,4 +78,6 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     app.cleanup_ctx.append(executor_ctx)
     for family in FAMILIES:
         app.add_routes(family.routes)
+        if hasattr(family, "setup"):  # a family owning resources (cleanup_ctx) sets them up
+            family.setup(app)
     return app

@@ -2,7 +2,12 @@
 
 Routes declare what they need with :func:`requires` (a scope, or admin) or mark
 themselves :func:`public` (only what a seed marks public). The middleware resolves the
-credentials once per request into a :class:`Principal` kept on the request.
+credentials once per request into a :class:`Principal` kept on the request, lets the
+identity service admit it (per-plan rate limit, usage counters) and, once the handler
+has answered, has the request appended to the audit log with its outcome. Families get
+all of this by being routes; they only call :func:`principal` to learn the caller's
+organizations, and :func:`audit_study` when the study a request touched is not in its
+URL.
 
 With ``[auth] required = false`` every caller is the anonymous principal, which may do
 everything in every organization (trusted networks only).
@@ -11,14 +16,28 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, runtime_checkable
 
 from aiohttp import web
 
+from storage import ArchiveError
+from storage.identity import SCOPES
+
+from .errors import status_for
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-SCOPES = ("upload", "reports", "status", "dicomweb.read", "dicomweb.write", "worklist", "admin")
-PRINCIPAL = "dicomnode.principal"  # request key
+# request keys
+PRINCIPAL = "dicomnode.principal"
+AUTH_FAILURE = "dicomnode.auth_failure"  # why presented credentials were refused
+AUDIT_ACTOR = "dicomnode.audit_actor"  # who a public route (a token endpoint) acted for
+AUDIT_STUDY = "dicomnode.audit_study"  # the study a request touched, when not in its URL
+
+__all__ = [
+    "ANONYMOUS", "AUDIT_ACTOR", "AUDIT_STUDY", "AUTH_FAILURE", "Authenticator", "PRINCIPAL", "Principal",
+    "RequestRecorder", "SCOPES", "audit_as", "audit_study", "make_auth_middleware", "principal", "public",
+    "requires",
+]
 
 
 @dataclass(frozen=True)
@@ -29,7 +48,8 @@ class Principal:
     scopes: frozenset[str] = field(default_factory=frozenset)
     admin: bool = False
     plan: str | None = None
-    credential_id: str | None = None  # key or client id, for quotas and audit
+    credential_id: str | None = None  # user:<pk>, client:<id> or key:<pk>, for quotas and audit
+    user_pk: int | None = None  # the developer account behind a user token or its keys
 
     @property
     def organizations(self) -> tuple[str, ...] | None:
@@ -42,6 +62,11 @@ class Principal:
     def storing_organization(self) -> str:
         return self.organization or "local"
 
+    @property
+    def usage_owner(self) -> str | None:
+        """Whose usage counters a call adds to: the developer, else the credential."""
+        return f"user:{self.user_pk}" if self.user_pk is not None else self.credential_id
+
     def has_scope(self, scope: str) -> bool:
         return self.kind == "anonymous" or self.admin or scope in self.scopes or "admin" in self.scopes
 
@@ -50,9 +75,21 @@ ANONYMOUS = Principal("anonymous", "anonymous", None, frozenset(SCOPES), admin=T
 
 
 class Authenticator(Protocol):
-    """Turns a request's credentials into a principal (None: no or bad credentials)."""
+    """Turns a request's credentials into a principal (None: no or bad credentials; the
+    reason, if any, goes in ``request[AUTH_FAILURE]``)."""
 
     def authenticate(self, request: web.Request) -> Awaitable[Principal | None]: ...
+
+
+@runtime_checkable
+class RequestRecorder(Protocol):
+    """What an authenticator may also do around each request."""
+
+    async def admit(self, request: web.Request, who: Principal) -> None:
+        """Before the handler: refuse (429) over the rate, count the call."""
+
+    async def record(self, request: web.Request, who: Principal | None, status: int) -> None:
+        """After the handler: append the request and its outcome to the audit log."""
 
 
 def public(handler: Handler) -> Handler:
@@ -82,11 +119,25 @@ def requires(scope: str | None = None, *, admin: bool = False) -> Callable[[Hand
 def principal(request: web.Request) -> Principal:
     who = request.get(PRINCIPAL)
     if who is None:
+        failure = request.get(AUTH_FAILURE)
+        challenge = 'Bearer realm="dicomnode"'
+        if failure:
+            challenge += f', error="invalid_token", error_description="{failure}"'
         raise web.HTTPUnauthorized(
-            text="credentials required: send Authorization: Bearer <token or API key>",
-            headers={"WWW-Authenticate": 'Bearer realm="dicomnode"'},
+            text=failure or "credentials required: send Authorization: Bearer <token or API key>",
+            headers={"WWW-Authenticate": challenge},
         )
     return who
+
+
+def audit_study(request: web.Request, study_uid: str) -> None:
+    """Name the study a request touched, for its audit row (when it is not in the URL)."""
+    request[AUDIT_STUDY] = study_uid
+
+
+def audit_as(request: web.Request, actor: str, actor_kind: str, organization: str | None = None) -> None:
+    """Have a public route's request audited under the identity it acted for."""
+    request[AUDIT_ACTOR] = (actor, actor_kind, organization)
 
 
 def _is_public(request: web.Request) -> bool:
@@ -94,18 +145,50 @@ def _is_public(request: web.Request) -> bool:
     return getattr(handler, "__dicomnode_public__", False) or request.method == "OPTIONS"
 
 
+def _is_audited(request: web.Request) -> bool:
+    """Every request that is not an anonymous call to a public route; deletions always."""
+    who = request.get(PRINCIPAL)
+    return (
+        not _is_public(request)
+        or (who is not None and who.kind != "anonymous")
+        or AUDIT_ACTOR in request
+        or request.method == "DELETE"
+    )
+
+
+async def _identify(request: web.Request, required: bool, authenticator: Authenticator | None) -> None:
+    if not required:
+        request[PRINCIPAL] = ANONYMOUS
+        return
+    if authenticator is not None and "Authorization" in request.headers:
+        who = await authenticator.authenticate(request)
+        if who is not None:
+            request[PRINCIPAL] = who
+    if PRINCIPAL not in request and not _is_public(request):
+        principal(request)  # raises 401
+
+
 def make_auth_middleware(required: bool, authenticator: Authenticator | None):
+    recorder = authenticator if isinstance(authenticator, RequestRecorder) else None
+
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not required:
-            request[PRINCIPAL] = ANONYMOUS
-            return await handler(request)
-        if authenticator is not None and "Authorization" in request.headers:
-            who = await authenticator.authenticate(request)
-            if who is not None:
-                request[PRINCIPAL] = who
-        if PRINCIPAL not in request and not _is_public(request):
-            principal(request)  # raises 401
-        return await handler(request)
+        status = 500
+        try:
+            await _identify(request, required, authenticator)
+            if recorder is not None and PRINCIPAL in request:
+                await recorder.admit(request, request[PRINCIPAL])
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except ArchiveError as exc:
+            status = status_for(exc)
+            raise
+        finally:
+            if recorder is not None and _is_audited(request):
+                await recorder.record(request, request.get(PRINCIPAL), status)
 
     return auth_middleware

@@ -1,12 +1,13 @@
 """Operational routes: liveness and Prometheus metrics."""
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 from aiohttp import web
 
 from .auth import public
-from .keys import ARCHIVE, SETTINGS
+from .keys import ARCHIVE, EXECUTOR, SETTINGS
 
 routes = web.RouteTableDef()
 
@@ -16,7 +17,7 @@ routes = web.RouteTableDef()
 async def healthz(request: web.Request) -> web.Response:
     """Public liveness probe: the process answers and the index is readable."""
     archive = request.app[ARCHIVE]
-    counts = await request.loop.run_in_executor(None, archive.counts)
+    counts = await asyncio.get_running_loop().run_in_executor(request.app[EXECUTOR], archive.counts)
     return web.json_response({"status": "ok", "instances": counts["instances"]})
 
 

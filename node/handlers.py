@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -14,9 +15,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
 
 from config import Settings
 from storage import Archive, ArchiveError, Query, Source
+from storage.identity import AuditEntry
 from storage.attributes import UNIQUE_KEY
 
 from .datasets import identifier_keys, response_dataset
@@ -90,24 +93,38 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
     """Access control at association time: unknown peers (when required) are rejected
     with A-ASSOCIATE-RJ, calling-AE-not-recognized."""
     assoc = event.assoc
-    calling = assoc.requestor.ae_title.strip()
+    request = assoc.requestor.primitive  # the A-ASSOCIATE-RQ; requestor.ae_title is set later
+    calling = _text(request.calling_ae_title)
+    called = _text(request.called_ae_title)
     host = assoc.requestor.address
     if ctx.settings.ae.require_known_peers:
         peer = ctx.settings.peer(calling)
         if peer is None or not _same_host(peer.host, host):
             why = "unknown calling AE title" if peer is None else f"host {host} is not {peer.host}"
             log.warning("rejected association from %s@%s: %s (add it to [[peers]] in ae.toml)", calling, host, why)
+            _audit(ctx, calling, host, peer.organization if peer else None, "rejected", why)
             ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            _reject(assoc, 0x03)
             return
-    called = assoc.requestor.primitive.called_ae_title.strip() if assoc.requestor.primitive else ""
     if ctx.settings.ae.require_called_ae_title and called != ctx.settings.ae.title:
         log.warning(
             "rejected association from %s@%s: called AE title %r is not ours (%r)",
             calling, host, called, ctx.settings.ae.title,
         )
+        _audit(ctx, calling, host, None, "rejected", f"called AE title {called!r} is not ours")
         ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
-        assoc.acse.send_reject(0x01, 0x01, 0x07)
+        _reject(assoc, 0x07)
+
+
+def _reject(assoc, diagnostic: int) -> None:
+    """A-ASSOCIATE-RJ (permanent, service user, ``diagnostic``), then wait for the DUL
+    to send it before the connection closes, as pynetdicom's own rejections do."""
+    assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    assoc.kill()
+
+
+def _text(value: str | bytes) -> str:
+    return (value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)).strip()
 
 
 def _same_host(configured: str, actual: str) -> bool:
@@ -137,6 +154,18 @@ def handle_closed(event: Event, ctx: NodeContext) -> None:
         "association from %s@%s %s: %s%s", peer.calling_ae, peer.address, how, ops,
         f"; failures: {fails}" if fails else "",
     )
+    _audit(ctx, peer.calling_ae, peer.address, peer.organization, how, ops + (f"; failures: {fails}" if fails else ""))
+
+
+def _audit(ctx: NodeContext, calling_ae: str, address: str, organization: str | None, outcome: str,
+           detail: str) -> None:
+    """Append one association to the audit log (calling AE, address, what it did)."""
+    entry = AuditEntry(time.time(), "dimse", calling_ae, "peer", organization, "association", None, outcome,
+                       address, detail)
+    try:
+        ctx.archive.identity.append_audit(entry)
+    except ArchiveError as exc:
+        log.error("could not audit the association from %s@%s: %s", calling_ae, address, exc.message)
 
 
 # ---------------------------------------------------------------- services
@@ -173,12 +202,13 @@ def handle_find(event: Event, ctx: NodeContext) -> Iterator[tuple[int, Dataset |
         identifier = event.identifier
         level, keys = identifier_keys(identifier)
         query = Query(level, keys, root=root, organizations=(peer.organization,))
-        matches = ctx.archive.find(query, is_cancelled=lambda: event.is_cancelled)
+        cancelled = CancelLatch(event)
+        matches = ctx.archive.find(query, is_cancelled=cancelled)
         count = 0
         for values in matches:
             yield 0xFF00, response_dataset(values, level, identifier, ctx.settings.ae.title)
             count += 1
-        if event.is_cancelled:
+        if cancelled():
             log.info("C-FIND from %s@%s cancelled after %d match(es)", peer.calling_ae, peer.address, count)
             yield 0xFE00, None
             return
@@ -190,6 +220,27 @@ def handle_find(event: Event, ctx: NodeContext) -> Iterator[tuple[int, Dataset |
         yield status, None
         return
     yield 0x0000, None
+
+
+@dataclass(frozen=True)
+class UnreadableInstance:
+    """Stands in for a dataset that could not be read from the archive."""
+
+    sop_instance_uid: str
+
+
+class CancelLatch:
+    """``event.is_cancelled`` is true only once (pynetdicom consumes the C-CANCEL when
+    it reports it); this remembers it for the rest of the operation."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self.cancelled = False
+
+    def __call__(self) -> bool:
+        if not self.cancelled and self.event.is_cancelled:
+            self.cancelled = True
+        return self.cancelled
 
 
 def _retrieve_set(event: Event, ctx: NodeContext, root_uid: str) -> list:
@@ -218,7 +269,10 @@ def handle_move(event: Event, ctx: NodeContext) -> Iterator[Any]:
     except ArchiveError as exc:
         status = status_for(exc, RETRIEVE_STATUS)
         peer.failures[f"C-MOVE 0x{status:04X}"] += 1
-        yield target.host, target.port
+        log.warning("C-MOVE from %s@%s refused (0x%04X): %s", peer.calling_ae, peer.address, status, exc.message)
+        # pynetdicom reports a status only after a destination and a non-zero count
+        yield target.host, target.port, {"contexts": [build_context(Verification)]}
+        yield 1
         yield status, None
         return
     contexts = storage_contexts(instances)
@@ -242,7 +296,8 @@ def handle_get(event: Event, ctx: NodeContext) -> Iterator[Any]:
     except ArchiveError as exc:
         status = status_for(exc, RETRIEVE_STATUS)
         peer.failures[f"C-GET 0x{status:04X}"] += 1
-        yield 0
+        log.warning("C-GET from %s@%s refused (0x%04X): %s", peer.calling_ae, peer.address, status, exc.message)
+        yield 1  # pynetdicom reports a status only after a non-zero count
         yield status, None
         return
     log.info("C-GET from %s@%s: %d instance(s)", peer.calling_ae, peer.address, len(instances))
@@ -251,16 +306,18 @@ def handle_get(event: Event, ctx: NodeContext) -> Iterator[Any]:
 
 
 def _send_each(event: Event, ctx: NodeContext, instances: list) -> Iterator[tuple[int, Dataset | None]]:
+    cancelled = CancelLatch(event)
     for stored in instances:
-        if event.is_cancelled:
+        if cancelled():
             yield 0xFE00, None
             return
         try:
             ds = ctx.archive.read_dataset(stored)
         except (ArchiveError, OSError, pydicom.errors.InvalidDicomError) as exc:
             log.error("cannot read stored instance %s: %s", stored.sop_instance_uid, exc)
-            # pynetdicom counts a non-Dataset as a failed sub-operation
-            yield 0xFF00, None  # type: ignore[misc]
+            # pynetdicom counts a pending yield that is not a Dataset as a failed
+            # sub-operation, so the final status becomes 0xB000 (warning)
+            yield 0xFF00, UnreadableInstance(stored.sop_instance_uid)  # type: ignore[misc]
             continue
         yield 0xFF00, ds
 

@@ -21,6 +21,7 @@ from config import Settings
 from storage import Archive
 
 from . import handlers as h
+from . import worklist as wl
 
 log = logging.getLogger("dicomnode.node")
 
@@ -43,6 +44,8 @@ class DicomNode:
         self.context = h.NodeContext(settings, archive)
         self.ae = build_ae(settings)
         self.server: ThreadedAssociationServer | None = None
+        archive.workitems.ae_title = settings.ae.title  # where a workitem's images are retrieved
+        self.event_reporter = wl.EventReporter(settings, archive.events)
         archive.metrics.gauge("dicomnode_associations_active", lambda: len(self.active_associations()))
 
     @property
@@ -61,9 +64,13 @@ class DicomNode:
             (evt.EVT_ABORTED, h.handle_closed, c),
             (evt.EVT_C_ECHO, h.handle_echo, c),
             (evt.EVT_C_STORE, h.handle_store, c),
-            (evt.EVT_C_FIND, h.handle_find, c),
+            (evt.EVT_C_FIND, wl.handle_find, c),  # worklist, UPS, else query/retrieve
             (evt.EVT_C_MOVE, h.handle_move, c),
             (evt.EVT_C_GET, h.handle_get, c),
+            (evt.EVT_N_CREATE, wl.handle_n_create, c),
+            (evt.EVT_N_GET, wl.handle_n_get, c),
+            (evt.EVT_N_SET, wl.handle_n_set, c),
+            (evt.EVT_N_ACTION, wl.handle_n_action, c),
         ]
 
     def start(self) -> None:
@@ -71,6 +78,7 @@ class DicomNode:
         self.server = self.ae.start_server(
             (ae.host, ae.port), block=False, evt_handlers=self.handlers(), ae_title=ae.title
         )
+        self.event_reporter.start()
         log.info("DIMSE node %s listening on %s:%d", ae.title, ae.host, self.port)
 
     def active_associations(self) -> list:
@@ -83,6 +91,7 @@ class DicomNode:
             return
         server, self.server = self.server, None
         server.shutdown()
+        self.event_reporter.stop()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             active = server.active_associations
@@ -108,6 +117,6 @@ def build_ae(settings: Settings) -> AE:
     for cx in AllStoragePresentationContexts:
         # scp_role/scu_role: accept the SCP role for C-GET sub-operations
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
-    for sop_class in QUERY_RETRIEVE:
+    for sop_class in (*QUERY_RETRIEVE, *wl.WORKLIST_SOP_CLASSES):
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
     return ae

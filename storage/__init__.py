@@ -2,7 +2,7 @@
 from .archive import Archive, Source, StoreResult, STORAGE_SOP_CLASSES
 from .errors import (
     ArchiveError, Conflict, InvalidInstance, InvalidQuery, InvalidUID, NotDicom, NotFound,
-    StorageFailure, StudyMismatch, TooLarge, UnsupportedSOPClass,
+    StorageFailure, StudyMismatch, TooLarge, UnsupportedSOPClass, WorkitemError,
 )
 from .events import EventBus, InstanceStored, StudyStable
 from .metrics import Metrics
@@ -13,5 +13,5 @@ __all__ = [
     "Archive", "ArchiveError", "Conflict", "EventBus", "InstanceStored", "InvalidInstance",
     "InvalidQuery", "InvalidUID", "Metrics", "NotDicom", "NotFound", "Query", "Source",
     "STORAGE_SOP_CLASSES", "StorageFailure", "StoreResult", "StoredInstance", "StudyMismatch",
-    "StudyStable", "TooLarge", "UnsupportedSOPClass",
+    "StudyStable", "TooLarge", "UnsupportedSOPClass", "WorkitemError",
 ]

@@ -31,11 +31,13 @@ from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, no
 from .blobs import BlobStore, FileBlobStore
 from .errors import InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass
 from .events import EventBus, InstanceStored, StudyStable
+from .identity import IdentityStore
 from .metrics import Metrics
 from .query import Query, compile_query, row_to_values
 from .schema import MIGRATION_SETS
 from .sqlite_index import InstanceRecord, SQLiteIndex, StoredInstance, UpsertOutcome
 from .uids import generate_uid, require_uid
+from .workitems import WorkitemStore
 
 log = logging.getLogger("dicomnode.archive")
 
@@ -86,13 +88,15 @@ class Archive:
         metrics: Metrics | None = None,
     ) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.uid_root = uid_root
         self.stable_after_s = stable_after_s
         self.blobs: BlobStore = blobs or FileBlobStore(self.root / "blobs")
         self.index = index or SQLiteIndex(self.root / "index.sqlite", MIGRATION_SETS)
+        self.identity = IdentityStore(self.index)
         self.events = EventBus()
         self.metrics = metrics or Metrics()
+        self.workitems = WorkitemStore(self.index, self.events, self.generate_uid)
         self._key_locks = [threading.Lock() for _ in range(64)]
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -481,17 +485,24 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
         # checked before truncation: a text file read as DICOM "declares" huge lengths
         raise NotDicom("not a DICOM file: no DICM prefix and no SOP Class/Instance UID")
     if fh.tell() > size or _last_value_short(ds, fh, size):
-        raise InvalidInstance(f"the dataset is truncated: it declares more bytes than the {size} it has")
+        # cannot be understood as sent: C-STORE 0xC000, not "does not match SOP class"
+        raise NotDicom(f"the dataset is truncated or corrupt: it declares more bytes than the {size} it has")
     if not has_meta:
         implicit, little = ds.original_encoding
         if implicit is None:
             raise NotDicom("not a DICOM file: the encoding could not be determined")
-        tsuid = (
-            pydicom.uid.ImplicitVRLittleEndian
-            if implicit
-            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
-        )
+        # A file meta group without the preamble (what pydicom.dcmwrite writes by default)
+        # names the transfer syntax, which the body's encoding alone cannot tell apart
+        # from a compressed one: keep it, and skip that group when the meta is rewritten.
+        meta_bytes = _bare_meta_group_size(fh) if tsuid is not None else 0
+        if not meta_bytes:
+            tsuid = (
+                pydicom.uid.ImplicitVRLittleEndian
+                if implicit
+                else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+            )
         ds._dicomnode_has_meta = False  # type: ignore[attr-defined]
+        ds._dicomnode_meta_bytes = meta_bytes  # type: ignore[attr-defined]
     try:
         # touch the attributes the index needs, so a malformed value fails here
         for level in COLUMNS_BY_LEVEL.values():
@@ -536,10 +547,33 @@ def _add_file_meta(temp: Path, ds: Dataset, tsuid: str, blobs: BlobStore) -> tup
     with fh, open(temp, "rb") as src:
         fh.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(fh, meta, enforce_standard=True)
+        src.seek(getattr(ds, "_dicomnode_meta_bytes", 0))
         shutil.copyfileobj(src, fh, _COPY_CHUNK)
         size = fh.tell()
     blobs.discard_temp(temp)
     return new_temp, size
+
+
+def _bare_meta_group_size(fh: BinaryIO) -> int:
+    """Bytes of the group 0002 elements at the very start of a file with no preamble
+    (explicit VR little endian, PS3.10 7.1); 0 when the file does not start so."""
+    fh.seek(0)
+    end = 0
+    while True:
+        head = fh.read(8)
+        if len(head) < 8 or int.from_bytes(head[:2], "little") != 0x0002:
+            return end
+        vr = head[4:6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length = int.from_bytes(fh.read(4), "little")
+            header = 12
+        else:
+            length = int.from_bytes(head[6:8], "little")
+            header = 8
+        if length == 0xFFFFFFFF:
+            return 0  # not a meta group this node can skip safely
+        end += header + length
+        fh.seek(end)
 
 
 def _column_value(ds: Dataset, keyword: str, kind: str) -> Any:

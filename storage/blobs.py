@@ -9,6 +9,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
@@ -35,17 +36,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _is_temp_id(name: str) -> bool:
-    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
-
-
 class FileBlobStore:
     """Blobs as files under ``root``; writes are atomic (temp file, fsync, rename, fsync dir).
 
     Several processes may open one archive (``dicomnode serve`` and ``dicomnode import``):
-    each keeps its temp files in its own folder ``.tmp/<id>/``, held by an exclusive lock
-    on ``.tmp/<id>.lock`` while the process lives, so that clearing what a crash left
-    behind never touches a file another live process is writing."""
+    each keeps its temp files in its own folder ``.tmp/<id>/`` and holds an exclusive
+    ``flock`` on that folder while it lives, so that clearing what a crash left behind
+    never touches a file another live process is writing."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
@@ -53,23 +50,19 @@ class FileBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_root.mkdir(exist_ok=True)
         self._id = uuid.uuid4().hex
-        # lock first, under a name no cleaner looks at, then publish the lock, then the folder
-        locking = self.tmp_root / f".{self._id}.locking"
-        self._lock_fd: int | None = os.open(locking, os.O_CREAT | os.O_RDWR, 0o600)
+        # made and locked under a name cleaners skip, then renamed: never seen unlocked
+        staging = self.tmp_root / f".{self._id}.new"
+        staging.mkdir()
+        self._lock_fd: int | None = os.open(staging, os.O_RDONLY)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        os.rename(locking, self.tmp_root / f"{self._id}.lock")
         self.tmp = self.tmp_root / self._id
-        self.tmp.mkdir()
+        os.rename(staging, self.tmp)
 
     def close(self) -> None:
         """Remove this process's temp folder and release its lock."""
         if self._lock_fd is None:
             return
         shutil.rmtree(self.tmp, ignore_errors=True)
-        try:
-            os.unlink(self.tmp_root / f"{self._id}.lock")
-        except FileNotFoundError:
-            pass
         os.close(self._lock_fd)
         self._lock_fd = None
 
@@ -128,43 +121,34 @@ class FileBlobStore:
 
     def clear_temp(self) -> int:
         """Remove the temp files of processes that are gone (a crash left them behind);
-        returns how many. Temp folders of live processes are locked and left alone."""
+        returns how many. The folders of live processes are locked and left alone."""
         count = 0
         for entry in self.tmp_root.iterdir():
-            if entry.name in (self._id, f"{self._id}.lock"):
+            if entry.name == self._id:
                 continue
-            if entry.suffix == ".lock":
-                if self._owner_gone(entry):
-                    folder = entry.with_suffix("")
-                    if folder.is_dir():
-                        count += sum(1 for p in folder.rglob("*") if p.is_file())
-                        shutil.rmtree(folder, ignore_errors=True)
-                    entry.unlink(missing_ok=True)
-            elif entry.suffix == ".locking":  # its owner died before publishing its lock
-                if entry.name != f".{self._id}.locking" and self._owner_gone(entry):
-                    entry.unlink(missing_ok=True)
-            elif entry.is_file() and entry.suffix == ".part":  # the layout before per-process folders
+            try:
+                if entry.name.startswith(".") and time.time() - entry.stat().st_mtime < 60:
+                    continue  # a process is making its folder right now (locks it at once)
+            except FileNotFoundError:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                try:
+                    fd = os.open(entry, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live process holds it
+                else:
+                    count += sum(1 for p in entry.rglob("*") if p.is_file())
+                    shutil.rmtree(entry, ignore_errors=True)
+                finally:
+                    os.close(fd)
+            elif entry.suffix == ".part":  # the layout before per-process folders
                 entry.unlink(missing_ok=True)
                 count += 1
-            elif entry.is_dir() and _is_temp_id(entry.name) and not entry.with_suffix(".lock").exists():
-                # a folder whose lock is gone: its owner died after a cleaner removed the lock
-                count += sum(1 for p in entry.rglob("*") if p.is_file())
-                shutil.rmtree(entry, ignore_errors=True)
         return count
-
-    @staticmethod
-    def _owner_gone(lock: Path) -> bool:
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # a live process holds it
-        finally:
-            os.close(fd)  # closing drops the lock we may have taken
-        return True
 
     def iter_keys(self) -> Iterator[str]:
         for dirpath, dirnames, filenames in os.walk(self.root):

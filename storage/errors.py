@@ -53,3 +53,28 @@ class TooLarge(ArchiveError):
 
 class StorageFailure(ArchiveError):
     """The archive could not complete a write (disk full, I/O error); nothing was kept."""
+
+
+class WorkitemError(ArchiveError):
+    """A workitem (UPS) request PS3.4 Annex CC refuses. ``status`` is the DIMSE status
+    the standard names for it; HTTP answers carry it as ``"dimse_status": "0xC310"``."""
+
+    def __init__(self, message: str, *, status: int, **details: object) -> None:
+        super().__init__(message, dimse_status=f"0x{status:04X}", **details)
+        self.status = status
+
+
+class InvalidWorkitem(WorkitemError):
+    """The workitem or change is malformed: a missing, unknown or badly formed attribute."""
+
+
+class WorkitemNotFound(WorkitemError, NotFound):
+    """No such workitem (for this caller)."""
+
+
+class DuplicateWorkitem(WorkitemError, Conflict):
+    """The workitem (or a workitem for that StudyInstanceUID) exists already."""
+
+
+class WorkitemStateError(WorkitemError, Conflict):
+    """The workitem's state (or Transaction UID) does not allow the change."""

@@ -6,6 +6,8 @@ changes only through these.
 """
 from __future__ import annotations
 
+from .identity import migrations as identity_migrations
 from .sqlite_index import migrations as index_migrations
+from .workitems import migrations as workitem_migrations
 
-MIGRATION_SETS = (index_migrations,)
+MIGRATION_SETS = (index_migrations, identity_migrations, workitem_migrations)

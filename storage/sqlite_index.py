@@ -9,6 +9,7 @@ The schema changes only through the migrations at the bottom of this module.
 """
 from __future__ import annotations
 
+import os
 import queue
 import sqlite3
 import threading
@@ -199,6 +200,7 @@ class _Writer(threading.Thread):
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             _configure(conn)
+            _owner_only(self.path)
             db = sqlite_utils.Database(conn)
             for migration_set in self.migration_sets:
                 migration_set.apply(db)
@@ -262,6 +264,15 @@ class _Writer(threading.Thread):
                 fut.set_result(value)
             else:
                 fut.set_exception(error)
+
+
+def _owner_only(path: Path) -> None:
+    """The index holds patient data and password hashes: readable by its owner only."""
+    for candidate in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            os.chmod(candidate, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def _configure(conn: sqlite3.Connection) -> None:

@@ -66,3 +66,21 @@ def test_storescu_other_uncompressed_syntaxes_are_kept_as_negotiated(node, corpu
     assert stored.PixelData == sent.PixelData or syntax == pydicom.uid.ExplicitVRBigEndian
     assert stored.pixel_array.tolist() == sent.pixel_array.tolist()
     assert stored.PatientName == sent.PatientName
+
+
+def test_deflated_explicit_little_endian_is_stored_as_received(node):
+    from pynetdicom import AE
+
+    ds = corpus.ct_series(1)[0]
+    ae = AE(ae_title="DEFLATER")
+    ae.add_requested_context(corpus.CT_IMAGE, pydicom.uid.DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    stored = pydicom.dcmread(_stored_path(node, ds.SOPInstanceUID))
+    assert stored.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
+    assert stored.PixelData == ds.PixelData

@@ -187,8 +187,7 @@ def test_repair_keeps_a_file_that_an_index_row_still_describes(archive_dir):
 def test_repair_clears_the_temp_files_of_a_process_that_died(archive_dir):
     open_archive(archive_dir).close()
     dead = "0123456789abcdef0123456789abcdef"
-    (archive_dir / "blobs" / ".tmp" / f"{dead}.lock").write_bytes(b"")  # nobody holds its lock
-    (archive_dir / "blobs" / ".tmp" / dead).mkdir()
+    (archive_dir / "blobs" / ".tmp" / dead).mkdir()  # a process folder nobody holds a lock on
     (archive_dir / "blobs" / ".tmp" / dead / "tmpa1b2.part").write_bytes(b"half a dataset")
     (archive_dir / "blobs" / ".tmp" / "tmpc3d4.part").write_bytes(b"half a dataset")
     open_archive(archive_dir).close()

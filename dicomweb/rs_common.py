@@ -1,0 +1,306 @@
+"""Helpers shared by the DICOMweb route modules (QIDO-RS, WADO-RS, STOW-RS, WADO-URI):
+UIDs taken from URLs, running archive work off the event loop, Accept negotiation,
+multipart/related responses streamed from disk, and validators (ETag, Last-Modified)."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from email.utils import formatdate, parsedate_to_datetime
+from typing import Any, Callable, Iterable, TypeVar
+
+from aiohttp import web
+
+from storage import Archive, StoredInstance
+from storage.uids import is_valid_uid
+
+from .auth import principal
+from .keys import ARCHIVE, EXECUTOR
+
+T = TypeVar("T")
+PREFIX = "/dicomweb"
+CHUNK = 1 << 20  # bytes read from disk per executor call when streaming
+
+
+async def run_blocking(request: web.Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run archive work (SQLite, file I/O, decoding) in the app's thread pool."""
+    return await asyncio.get_running_loop().run_in_executor(
+        request.app[EXECUTOR], functools.partial(fn, *args, **kwargs)
+    )
+
+
+def dicom_json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """``application/dicom+json`` exactly (clients compare the media type without a charset;
+    DICOM JSON is UTF-8 by definition, PS3.18 F.2). ``body`` may be encoded already."""
+    data = body if isinstance(body, bytes) else encode_json(body)
+    return web.Response(body=data, status=status, headers={**(headers or {}), "Content-Type": "application/dicom+json"})
+
+
+def encode_json(body: object) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+def archive_of(request: web.Request) -> Archive:
+    return request.app[ARCHIVE]
+
+
+def organizations(request: web.Request) -> tuple[str, ...] | None:
+    """Organizations whose data the caller sees (None: all, with auth off)."""
+    return principal(request).organizations
+
+
+def path_uid(request: web.Request, name: str) -> str:
+    """A UID from the URL path, refused unless it is digits and dots (never a path)."""
+    value = request.match_info[name]
+    if not is_valid_uid(value):
+        raise web.HTTPBadRequest(
+            text=f"{name} {value!r} is not a valid DICOM UID: use digits and dots only, at most 64 characters"
+        )
+    return value
+
+
+def base_url(request: web.Request) -> str:
+    """Scheme, host and DICOMweb prefix as the client addressed us (for RetrieveURL,
+    BulkDataURI). Behind a reverse proxy its X-Forwarded-Proto / -Host say what the
+    client used. A direct Host header without a port (dicomweb-client sends one) gets
+    the port the connection came in on, unless that is the scheme's default."""
+    forwarded_host = request.headers.get("X-Forwarded-Host")
+    forwarded_proto = request.headers.get("X-Forwarded-Proto")
+    if forwarded_host or forwarded_proto:
+        scheme = (forwarded_proto or request.scheme).split(",")[0].strip()
+        host = (forwarded_host or request.host).split(",")[0].strip()
+        return f"{scheme}://{host}{PREFIX}"
+    host = request.host
+    if ":" not in host.rpartition("]")[2]:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        port = sockname[1] if sockname else None
+        if port and port != {"http": 80, "https": 443}.get(request.scheme):
+            host = f"{host}:{port}"
+    return f"{request.scheme}://{host}{PREFIX}"
+
+
+def resource_url(base: str, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None) -> str:
+    """The WADO-RS URL of a study, series or instance under ``base`` (see :func:`base_url`)."""
+    url = f"{base}/studies/{study_uid}"
+    if series_uid:
+        url += f"/series/{series_uid}"
+        if sop_uid:
+            url += f"/instances/{sop_uid}"
+    return url
+
+
+def study_url(request: web.Request, study_uid: str) -> str:
+    return resource_url(base_url(request), study_uid)
+
+
+def series_url(request: web.Request, study_uid: str, series_uid: str) -> str:
+    return resource_url(base_url(request), study_uid, series_uid)
+
+
+def instance_url(request: web.Request, study_uid: str, series_uid: str, sop_uid: str) -> str:
+    return resource_url(base_url(request), study_uid, series_uid, sop_uid)
+
+
+# --------------------------------------------------------------------------- Accept
+
+
+@dataclass(frozen=True)
+class MediaRange:
+    """One entry of an Accept header: ``type/subtype`` with its parameters."""
+
+    media_type: str
+    params: dict[str, str] = field(default_factory=dict)
+    quality: float = 1.0
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.media_type == "multipart/related"
+
+    @property
+    def part_type(self) -> str:
+        """The media type of the parts (``type=`` of multipart/related), else itself."""
+        return self.params.get("type", "").lower() if self.is_multipart else self.media_type
+
+    @property
+    def transfer_syntax(self) -> str | None:
+        return self.params.get("transfer-syntax")
+
+    def matches(self, media_type: str) -> bool:
+        wanted = self.part_type or "*/*"
+        if wanted in ("*/*", "*"):
+            return True
+        major, _, minor = wanted.partition("/")
+        other_major, _, other_minor = media_type.partition("/")
+        return major == other_major and minor in ("*", other_minor)
+
+
+def parse_accept(header: str | None) -> list[MediaRange]:
+    """Entries of an Accept header, best first; an absent header accepts anything."""
+    if not header or not header.strip():
+        return [MediaRange("*/*")]
+    ranges = []
+    for entry in _split_outside_quotes(header, ","):
+        pieces = _split_outside_quotes(entry, ";")
+        media_type = pieces[0].strip().lower()
+        if not media_type:
+            continue
+        params: dict[str, str] = {}
+        quality = 1.0
+        for piece in pieces[1:]:
+            name, _, value = piece.partition("=")
+            name, value = name.strip().lower(), value.strip().strip('"')
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+            else:
+                params[name] = value
+        ranges.append(MediaRange(media_type, params, quality))
+    ranges.sort(key=lambda r: -r.quality)
+    return [r for r in ranges if r.quality > 0]
+
+
+def parse_media_type(header: str | None) -> MediaRange | None:
+    """A Content-Type header as a media type with its parameters (None if absent)."""
+    if not header or not header.strip():
+        return None
+    entries = parse_accept(_split_outside_quotes(header, ",")[0])
+    return entries[0] if entries else None
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    out, current, quoted = [], [], False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
+            out.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    out.append("".join(current))
+    return out
+
+
+def not_acceptable(what: str, offered: Iterable[str]) -> web.HTTPNotAcceptable:
+    return web.HTTPNotAcceptable(
+        text=f"none of the accepted media types fits {what}; this resource is available as "
+        + ", ".join(offered)
+    )
+
+
+# --------------------------------------------------------------------------- multipart
+
+
+class MultipartStream:
+    """A ``multipart/related`` response written part by part, never held whole."""
+
+    def __init__(self, request: web.Request, part_type: str, headers: dict[str, str] | None = None,
+                 extra_type_params: str = "") -> None:
+        self.request = request
+        self.boundary = uuid.uuid4().hex
+        self.part_type = part_type
+        self.response = web.StreamResponse(headers=headers or {})
+        self.response.headers["Content-Type"] = (
+            f'multipart/related; type="{part_type}"; boundary={self.boundary}{extra_type_params}'
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self.response.prepare(self.request)
+            self._started = True
+
+    async def write_part(self, content_type: str, chunks_or_bytes: bytes | Iterable[bytes],
+                         location: str | None = None) -> None:
+        await self.start()
+        head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
+        if location:
+            head += f"Content-Location: {location}\r\n"
+        await self.response.write((head + "\r\n").encode())
+        if isinstance(chunks_or_bytes, (bytes, bytearray, memoryview)):
+            await self.response.write(bytes(chunks_or_bytes))
+        else:
+            for chunk in chunks_or_bytes:
+                await self.response.write(chunk)
+        await self.response.write(b"\r\n")
+
+    async def write_file_part(self, content_type: str, archive: Archive, stored: StoredInstance,
+                              location: str | None = None, offset: int = 0, length: int | None = None) -> None:
+        """Copy a stored file (or ``length`` bytes of it from ``offset``) into a part,
+        one chunk per executor call."""
+        await self.start()
+        head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
+        if location:
+            head += f"Content-Location: {location}\r\n"
+        await self.response.write((head + "\r\n").encode())
+        fh = await run_blocking(self.request, archive.open_instance, stored)
+        try:
+            await run_blocking(self.request, fh.seek, offset)
+            left = length
+            while left is None or left > 0:
+                chunk = await run_blocking(self.request, fh.read, CHUNK if left is None else min(CHUNK, left))
+                if not chunk:
+                    break
+                if left is not None:
+                    left -= len(chunk)
+                await self.response.write(chunk)
+        finally:
+            await run_blocking(self.request, fh.close)
+        await self.response.write(b"\r\n")
+
+    async def finish(self) -> web.StreamResponse:
+        await self.start()
+        await self.response.write(f"--{self.boundary}--\r\n".encode())
+        await self.response.write_eof()
+        return self.response
+
+
+async def send_file(request: web.Request, archive: Archive, stored: StoredInstance,
+                    headers: dict[str, str]) -> web.StreamResponse:
+    """A stored file as the whole body, streamed from disk in chunks."""
+    response = web.StreamResponse(headers=headers)
+    fh = await run_blocking(request, archive.open_instance, stored)
+    try:
+        response.content_length = await run_blocking(request, lambda: os.fstat(fh.fileno()).st_size)
+        await response.prepare(request)
+        while chunk := await run_blocking(request, fh.read, CHUNK):
+            await response.write(chunk)
+    finally:
+        await run_blocking(request, fh.close)
+    await response.write_eof()
+    return response
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def validators(archive: Archive, stored: list[StoredInstance], variant: str = "") -> dict[str, str]:
+    """ETag and Last-Modified of a set of stored files (runs in the executor)."""
+    digest = hashlib.sha256(variant.encode())
+    newest = 0.0
+    for item in stored:
+        path = archive.instance_path(item)
+        mtime = path.stat().st_mtime if path is not None and path.exists() else 0.0
+        newest = max(newest, mtime)
+        digest.update(f"{item.sop_instance_uid}:{item.blob_key}:{item.size}:{mtime}\n".encode())
+    headers = {"ETag": f'"{digest.hexdigest()[:32]}"'}
+    if newest:
+        headers["Last-Modified"] = formatdate(newest, usegmt=True)
+    return headers
+
+
+def not_modified(request: web.Request, headers: dict[str, str]) -> bool:
+    """True when the client's cached copy (If-None-Match, else If-Modified-Since) is current."""
+    tags = request.headers.get("If-None-Match")
+    if tags is not None:
+        etag = headers.get("ETag")
+        return etag is not None and (tags.strip() == "*" or etag in [t.strip() for t in tags.split(",")])
+    since = request.if_modified_since  # only consulted without If-None-Match (RFC 9110 13.1.3)
+    modified = headers.get("Last-Modified")
+    return since is not None and modified is not None and parsedate_to_datetime(modified) <= since
