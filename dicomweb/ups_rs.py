@@ -227,7 +227,7 @@ async def subscribe(request: web.Request) -> web.Response:
 async def unsubscribe(request: web.Request) -> web.Response:
     ae_title = _ae_title(request)
     store = request.app[ARCHIVE].workitems
-    await in_thread(request, store.unsubscribe, ae_title, request.match_info["uid"])
+    await in_thread(request, store.unsubscribe, ae_title, request.match_info["uid"], principal(request).organizations)
     return web.Response(status=200)
 
 
@@ -235,7 +235,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
 @requires("worklist")
 async def suspend_global(request: web.Request) -> web.Response:
     store = request.app[ARCHIVE].workitems
-    await in_thread(request, store.unsubscribe, _ae_title(request), None)
+    await in_thread(request, store.unsubscribe, _ae_title(request), None, principal(request).organizations)
     return web.Response(status=200)
 
 

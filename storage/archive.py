@@ -27,7 +27,7 @@ from pynetdicom import AllStoragePresentationContexts
 
 from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, normalize_date, normalize_time
 from .blobs import BlobStore, FileBlobStore
-from .errors import InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass
+from .errors import Conflict, InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass
 from .events import EventBus, InstanceStored, StudyStable
 from .identity import IdentityStore
 from .metrics import Metrics
@@ -251,6 +251,11 @@ class Archive:
         record = self._record(ds, tsuid, key, size, source, time.time(), source.organization)
         lock = self._key_locks[zlib.crc32(sop_uid.encode()) % len(self._key_locks)]
         with lock:
+            # Before the file goes in place: the same key under another organization's
+            # study is that organization's file, which a refused store must not replace.
+            owner = self.index.study_organization(study_uid)
+            if owner is not None and owner != source.organization:
+                raise Conflict(f"study {study_uid} belongs to another organization", study_uid=study_uid)
             journal_pk = self.index.journal_add(key, "store")
             try:
                 self.blobs.commit(temp, key)
