@@ -572,3 +572,29 @@ def test_admin_reads_the_audit_of_a_study_over_http(world: World) -> None:
     assert entries and all(e["study_uid"] == study for e in entries)
     assert {e["organization"] for e in entries} == {LOCAL}
     assert ("key_read", "200") in {(e["actor"], e["outcome"]) for e in entries}
+
+
+def test_ups_event_channel_carries_only_the_callers_organizations_events(world: World) -> None:
+    """Two organizations open the channel of the same AE title: each hears of its own
+    workitems only. Events are queued in the order they are emitted, so the other
+    organization's first message is its own workitem's, unless ours leaked before it."""
+    import asyncio
+
+    import aiohttp
+
+    ours, theirs = world.workitem(LOCAL), world.workitem(OTHER)
+    url = f"ws://127.0.0.1:{world.node.http_port}/dicomweb/subscribers/MATRIXWS"
+
+    async def first_messages() -> tuple[str, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url, headers={"Authorization": world.tokens["key_worklist"]}) as local_ws, \
+                    session.ws_connect(url, headers={"Authorization": world.tokens["other_key_worklist"]}) as other_ws:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, world.archive.workitems.subscribe, "MATRIXWS", ours, LOCAL)
+                await loop.run_in_executor(None, world.archive.workitems.subscribe, "MATRIXWS", theirs, OTHER)
+                local_first = (await local_ws.receive_json(timeout=30))["00001000"]["Value"][0]
+                other_first = (await other_ws.receive_json(timeout=30))["00001000"]["Value"][0]
+                return local_first, other_first
+
+    assert asyncio.run(first_messages()) == (ours, theirs)
+    assert world.call("GET", "/dicomweb/subscribers/MATRIXWS", {}).status == 401
