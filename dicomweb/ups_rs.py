@@ -316,7 +316,8 @@ async def event_channel(request: web.Request) -> web.WebSocketResponse:
     JSON text messages for as long as the socket is open."""
     ae_title = _ae_title(request)
     channels = request.app[EVENT_CHANNELS]
-    pending = channels.open(ae_title, principal(request).organizations)  # before the handshake completes: no event is missed
+    # opened before the handshake completes: no event is missed
+    pending = channels.open(ae_title, principal(request).organizations)
     ws = web.WebSocketResponse(heartbeat=30)
     sender: asyncio.Task | None = None
     try:

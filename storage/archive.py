@@ -27,7 +27,9 @@ from pynetdicom import AllStoragePresentationContexts
 
 from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, normalize_date, normalize_time
 from .blobs import BlobStore, FileBlobStore
-from .errors import Conflict, InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass
+from .errors import (
+    Conflict, InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass,
+)
 from .events import EventBus, InstanceStored, StudyStable
 from .identity import IdentityStore
 from .metrics import Metrics

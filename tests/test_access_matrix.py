@@ -262,7 +262,8 @@ class Route:
 def _check_search(w: World, ctx: dict[str, Any], case: str, answer: Answer) -> None:
     uids = _uids(answer)
     if case == "other_organization":
-        assert not uids & {w.ctx["study"], w.ctx["instance"], w.ctx["ups"]}, "another organization's search lists our data"
+        assert not uids & {w.ctx["study"], w.ctx["instance"], w.ctx["ups"]}, \
+            "another organization's search lists our data"
     if case == "right_credential":
         assert not uids & {w.ctx["their_study"], w.ctx["their_instance"], w.ctx["their_ups"]}, \
             "our search lists another organization's data"
@@ -292,6 +293,17 @@ def _check_target_unchanged(w: World, ctx: dict[str, Any], case: str, answer: An
 def _check_ups_state(w: World, ctx: dict[str, Any], case: str, answer: Answer) -> None:
     state = w.archive.workitems.get(ctx["target"]).state
     assert state == ("IN PROGRESS" if case == "right_credential" else "SCHEDULED"), (case, state)
+
+
+def _label_json(label: str) -> bytes:
+    changes = Dataset()
+    changes.ProcedureStepLabel = label
+    return json.dumps(changes.to_json_dict()).encode()
+
+
+def _check_ups_label(w: World, ctx: dict[str, Any], case: str, answer: Answer) -> None:
+    label = str(w.archive.workitems.get(ctx["target"]).dataset.ProcedureStepLabel)
+    assert label == ("CHANGED" if case == "right_credential" else "CT head"), (case, label)
 
 
 def _check_ups_cancel(w: World, ctx: dict[str, Any], case: str, answer: Answer) -> None:
@@ -326,7 +338,8 @@ def _check_key_kept(w: World, ctx: dict[str, Any], case: str, answer: Answer) ->
 
 def _check_key_listing(w: World, ctx: dict[str, Any], case: str, answer: Answer) -> None:
     if case == "other_organization":
-        assert "developer key" not in {k["name"] for k in answer.json()}, "another organization's developer lists our keys"
+        assert "developer key" not in {k["name"] for k in answer.json()}, \
+            "another organization's developer lists our keys"
     if case == "right_credential":
         assert ctx["target"] in {k["id"] for k in answer.json()}
 
@@ -357,6 +370,8 @@ ROUTES = (
           other="other_key_read", hidden=True, check=_check_search, study_in_audit=True, **READ),
     Route("qido_series_instances", "GET", "/dicomweb/studies/{study}/series/{series}/instances", right="client_read",
           other="other_client_read", hidden=True, check=_check_search, study_in_audit=True, **READ),
+    Route("qido_all_series", "GET", "/dicomweb/series?PatientID=MATRIX-*", right="key_read",
+          other="other_key_read", hidden=True, check=_check_search, **READ),
     Route("qido_all_instances", "GET", "/dicomweb/instances?PatientID=MATRIX-*", right="user",
           other="other_user", hidden=True, check=_check_search, **READ),
     # WADO-RS: another organization's study answers 404
@@ -383,7 +398,8 @@ ROUTES = (
     Route("stow_new_study", "POST", "/dicomweb/studies", right="key_write", other=None, body=_stow_new,
           check=_check_stow_new, **WRITE),
     Route("stow_into_study", "POST", "/dicomweb/studies/{target}", right="user", other="other_key_write",
-          other_status=409, body=_stow_into_target, prepare=_fresh_study, check=_check_target_unchanged, study_in_audit=True,
+          other_status=409, body=_stow_into_target, prepare=_fresh_study, check=_check_target_unchanged,
+          study_in_audit=True,
           **WRITE),
     # DELETE (admin)
     Route("delete_study", "DELETE", "/dicomweb/studies/{target}", right="key_admin", other="other_key_admin",
@@ -408,6 +424,9 @@ ROUTES = (
           **WORKLIST),
     Route("ups_create", "POST", "/dicomweb/workitems", right="user", other=None, success=201,
           headers=DICOM_JSON, body=lambda w, ctx: _ups_json(PatientID="MATRIX-UPS-NEW"), **WORKLIST),
+    Route("ups_update", "POST", "/dicomweb/workitems/{target}", right="client_worklist",
+          other="other_key_worklist", headers=DICOM_JSON, body=lambda w, ctx: _label_json("CHANGED"),
+          prepare=_fresh_ups, check=_check_ups_label, **WORKLIST),
     Route("ups_change_state", "PUT", "/dicomweb/workitems/{target}/state", right="key_worklist",
           other="other_key_worklist", headers=DICOM_JSON, body=_state_body, prepare=_fresh_ups,
           check=_check_ups_state, **WORKLIST),
