@@ -1,9 +1,10 @@
 """The access matrix of issue 4 over every protected HTTP family, with real credentials.
 
 One node with ``[auth] required = true`` serves the whole module. Every family's
-representative routes are called with: no credentials, a bad (forged) token, an expired
-token, another organization's credential, a credential with the wrong scope (or role) and
-the right credential, which must answer 401 / 401 / 401 / 404 / 403 / success. Reads of
+representative routes are called with: no credentials, a bad token (a JWT signed with
+another secret, or a real API key's prefix with a wrong secret), an expired token, another
+organization's credential, a credential with the wrong scope (or role) and the right
+credential, which must answer 401 / 401 / 401 / 404 / 403 / success. Reads of
 organization-owned data by another organization answer 404 as if the data did not exist;
 searches simply do not list it. Every request leaves exactly one audit row.
 
@@ -166,6 +167,9 @@ def world(tmp_path_factory) -> World:
         forged = {"iss": ISSUER, "sub": f"user:{user_pk}", "typ": ACCESS, "iat": int(time.time()),
                   "exp": int(time.time()) + 600, "scope": "dicomweb.read dicomweb.write worklist admin"}
         w.tokens["forged"] = bearer(jwt.encode(forged, "not the secret of this node, 32 bytes", algorithm="HS256"))
+        # a real key's lookup prefix with a wrong secret part
+        real = w.tokens["key_admin"].split(" ", 1)[1]
+        w.tokens["tampered_key"] = f"ApiKey {real[:-4]}{'AAAA' if real[-4:] != 'AAAA' else 'BBBB'}"
         # organization-owned data: one study each, workitems each
         mine = w.store_study(LOCAL, patient=corpus.Patient("MATRIX-MINE", "MINE^LOCAL"), accession="MINE")
         theirs = w.store_study(OTHER, patient=corpus.Patient("MATRIX-THEIRS", "THEIRS^OTHER"), accession="THEIRS")
@@ -472,7 +476,8 @@ def _matrix() -> list[Any]:
 
 
 def _credential(route: Route, case: str) -> str | None:
-    return {"no_credentials": None, "bad_token": "forged", "expired_token": route.expired,
+    bad = "forged" if ROUTES.index(route) % 2 == 0 else "tampered_key"  # a bad JWT, or a bad API key
+    return {"no_credentials": None, "bad_token": bad, "expired_token": route.expired,
             "other_organization": route.other, "wrong_scope": route.wrong, "right_credential": route.right}[case]
 
 
