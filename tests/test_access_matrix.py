@@ -6,7 +6,9 @@ another secret, or a real API key's prefix with a wrong secret), an expired toke
 organization's credential, a credential with the wrong scope (or role) and the right
 credential, which must answer 401 / 401 / 401 / 404 / 403 / success. Reads of
 organization-owned data by another organization answer 404 as if the data did not exist;
-searches simply do not list it. Every request leaves exactly one audit row.
+searches simply do not list it. STOW-RS into another organization's existing study cannot
+pretend the study does not exist (its UID is taken): it is refused with 409 and leaves the
+study as it was. Every request leaves exactly one audit row.
 
 The right credential rotates between the three real kinds (OAuth2 client token, user
 JWT from ``POST /api/token/``, API key) so that each family is exercised with more than
@@ -627,3 +629,26 @@ def test_ups_event_channel_carries_only_the_callers_organizations_events(world: 
 
     assert asyncio.run(first_messages()) == (ours, theirs)
     assert world.call("GET", "/dicomweb/subscribers/MATRIXWS", {}).status == 401
+
+
+def test_archive_refuses_another_organizations_instance_before_replacing_its_file(tmp_path) -> None:
+    """The one ingest path (C-STORE, STOW-RS, import, inbox): the same SOP Instance UID sent
+    for another organization is refused and the stored file keeps its bytes."""
+    from storage import Archive, Conflict
+
+    archive = Archive(tmp_path / "archive")
+    try:
+        original = corpus.ct_series(1, size=8)[0]
+        archive.store_bytes(encoded(original), Source("test", organization="hospital-a"))
+        [item] = archive.instances(original.StudyInstanceUID)
+        with archive.open_instance(item) as fh:
+            before = fh.read()
+        changed = original.copy()
+        changed.PatientName = "INTRUDER^WAS^HERE"
+        with pytest.raises(Conflict):
+            archive.store_bytes(encoded(changed), Source("test", organization="hospital-b"))
+        [item] = archive.instances(original.StudyInstanceUID)
+        with archive.open_instance(item) as fh:
+            assert fh.read() == before
+    finally:
+        archive.close()
