@@ -449,18 +449,9 @@ ROUTES = (
           expired="expired_user", wrong="key_read", prepare=_fresh_key, check=_check_key_kept),
     Route("audit_log", "GET", "/api/audit?limit=1000", right="key_admin", other="other_key_admin", hidden=True,
           check=_check_audit_listing, **ADMIN),
-    # /metrics: admin with credentials (no credentials from loopback: see test below)
+    # /metrics: an admin credential, like any other protected route
     Route("metrics", "GET", "/metrics", right="admin_user", other=None, **ADMIN),
 )
-
-# Cases where the implementation deliberately differs from issue 4's matrix.
-KNOWN_DEVIATIONS = {
-    ("metrics", "no_credentials"): (
-        "/metrics answers loopback scrapers without credentials (README, tests/test_auth_matrix.py); issue 4 "
-        "lists only /healthz among the public routes: the product owner decides"
-    ),
-}
-
 
 def _matrix() -> list[Any]:
     params = []
@@ -470,10 +461,7 @@ def _matrix() -> list[Any]:
                 continue
             if case == "wrong_scope" and route.wrong is None:
                 continue
-            marks = ()
-            if (route.id, case) in KNOWN_DEVIATIONS:
-                marks = (pytest.mark.xfail(strict=True, reason=KNOWN_DEVIATIONS[(route.id, case)]),)
-            params.append(pytest.param(route, case, id=f"{route.id}-{case}", marks=marks))
+            params.append(pytest.param(route, case, id=f"{route.id}-{case}"))
     return params
 
 
@@ -551,21 +539,10 @@ def test_every_route_is_public_or_checks_its_credential(world: World) -> None:
     assert unchecked == []
 
 
-def test_metrics_without_credentials_answers_loopback_only_and_is_not_audited(world: World) -> None:
-    before = world.store.audit_entries(limit=1)[0].pk
-    answer = world.call("GET", "/metrics", {})
+def test_metrics_from_loopback_without_credentials_is_refused(world: World) -> None:
+    assert world.call("GET", "/metrics", {}).status == 401
+    answer = world.call("GET", "/metrics", {"Authorization": world.tokens["key_admin"]})
     assert answer.status == 200 and b"dicomnode_" in answer.body
-    assert world.store.audit_entries(limit=1)[0].pk == before
-
-
-def test_metrics_behind_a_reverse_proxy_needs_credentials(world: World) -> None:
-    """A proxy on the same host makes every client look like loopback; a forwarded request
-    is not a local scraper."""
-    answer = world.call("GET", "/metrics", {"X-Forwarded-For": "203.0.113.9"})
-    assert answer.status == 401
-    answer = world.call("GET", "/metrics", {"X-Forwarded-For": "203.0.113.9",
-                                             "Authorization": world.tokens["key_admin"]})
-    assert answer.status == 200
 
 
 def test_other_organization_stow_of_a_new_instance_into_our_study_adds_nothing(world: World) -> None:
