@@ -145,14 +145,16 @@ def _is_public(request: web.Request) -> bool:
     return getattr(handler, "__dicomnode_public__", False) or request.method == "OPTIONS"
 
 
-def _is_audited(request: web.Request) -> bool:
-    """Every request that is not an anonymous call to a public route; deletions always."""
+def _is_audited(request: web.Request, status: int) -> bool:
+    """Every request that is not an anonymous call to a public route; deletions and
+    refusals (401, 403: refused credentials included) always."""
     who = request.get(PRINCIPAL)
     return (
         not _is_public(request)
         or (who is not None and who.kind != "anonymous")
         or AUDIT_ACTOR in request
         or request.method == "DELETE"
+        or status in (401, 403)
     )
 
 
@@ -188,7 +190,7 @@ def make_auth_middleware(required: bool, authenticator: Authenticator | None):
             status = status_for(exc)
             raise
         finally:
-            if recorder is not None and _is_audited(request):
+            if recorder is not None and _is_audited(request, status):
                 await recorder.record(request, request.get(PRINCIPAL), status)
 
     return auth_middleware

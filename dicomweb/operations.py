@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 
 from aiohttp import web
 
-from .auth import public
-from .keys import ARCHIVE, EXECUTOR, SETTINGS
+from .auth import public, requires
+from .keys import ARCHIVE, EXECUTOR
 
 routes = web.RouteTableDef()
 
@@ -22,17 +21,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
-@public
+@requires(admin=True)
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format. With ``[auth] required`` it answers loopback scrapers only."""
-    if request.app[SETTINGS].auth.required and not _is_loopback(request.remote):
-        raise web.HTTPForbidden(text="/metrics answers loopback clients only while [auth] required = true")
+    """Prometheus text format. With ``[auth] required`` a scraper sends an admin
+    credential (Prometheus: ``authorization: {credentials: <API key>}``)."""
     text = request.app[ARCHIVE].metrics.render()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
-
-
-def _is_loopback(address: str | None) -> bool:
-    try:
-        return address is not None and ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False

@@ -227,7 +227,7 @@ async def subscribe(request: web.Request) -> web.Response:
 async def unsubscribe(request: web.Request) -> web.Response:
     ae_title = _ae_title(request)
     store = request.app[ARCHIVE].workitems
-    await in_thread(request, store.unsubscribe, ae_title, request.match_info["uid"])
+    await in_thread(request, store.unsubscribe, ae_title, request.match_info["uid"], principal(request).organizations)
     return web.Response(status=200)
 
 
@@ -235,7 +235,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
 @requires("worklist")
 async def suspend_global(request: web.Request) -> web.Response:
     store = request.app[ARCHIVE].workitems
-    await in_thread(request, store.unsubscribe, _ae_title(request), None)
+    await in_thread(request, store.unsubscribe, _ae_title(request), None, principal(request).organizations)
     return web.Response(status=200)
 
 
@@ -251,12 +251,12 @@ def _ae_title(request: web.Request) -> str:
 
 class EventChannels:
     """Open WebSocket channels by subscriber AE title, each with its queue of event
-    reports. Workitem events arrive on the archive's threads and are handed to the
-    event loop."""
+    reports and the organizations whose workitems it may hear of (None: all). Workitem
+    events arrive on the archive's threads and are handed to the event loop."""
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.queues: dict[str, set[asyncio.Queue]] = {}
+        self.queues: dict[str, dict[asyncio.Queue, tuple[str, ...] | None]] = {}
 
     def on_event(self, event: WorkitemEvent) -> None:  # any thread
         if self.loop is not None and any(ae in self.queues for ae in event.recipients):
@@ -265,17 +265,18 @@ class EventChannels:
     def _deliver(self, event: WorkitemEvent) -> None:
         message = event_message(event)
         for ae_title in event.recipients:
-            for pending in self.queues.get(ae_title, ()):
-                pending.put_nowait(message)
+            for pending, organizations in self.queues.get(ae_title, {}).items():
+                if organizations is None or event.organization in organizations:
+                    pending.put_nowait(message)
 
-    def open(self, ae_title: str) -> asyncio.Queue:
+    def open(self, ae_title: str, organizations: tuple[str, ...] | None = None) -> asyncio.Queue:
         pending: asyncio.Queue = asyncio.Queue()
-        self.queues.setdefault(ae_title, set()).add(pending)
+        self.queues.setdefault(ae_title, {})[pending] = organizations
         return pending
 
     def close(self, ae_title: str, pending: asyncio.Queue) -> None:
-        channel = self.queues.get(ae_title, set())
-        channel.discard(pending)
+        channel = self.queues.get(ae_title, {})
+        channel.pop(pending, None)
         if not channel:
             self.queues.pop(ae_title, None)
 
@@ -315,7 +316,8 @@ async def event_channel(request: web.Request) -> web.WebSocketResponse:
     JSON text messages for as long as the socket is open."""
     ae_title = _ae_title(request)
     channels = request.app[EVENT_CHANNELS]
-    pending = channels.open(ae_title)  # before the handshake completes: no event is missed
+    # opened before the handshake completes: no event is missed
+    pending = channels.open(ae_title, principal(request).organizations)
     ws = web.WebSocketResponse(heartbeat=30)
     sender: asyncio.Task | None = None
     try:

@@ -247,7 +247,7 @@ def _subscription(ctx: h.NodeContext, event: Event, uid: str, action: int, info:
         lock = str(info.get("DeletionLock", "FALSE") or "FALSE").strip().upper() == "TRUE"
         store.subscribe(receiving, uid, org, lock, (org,))
     else:  # unsubscribe, or suspend the global subscription (existing ones are kept)
-        store.unsubscribe(receiving, uid if action == UNSUBSCRIBE else None)
+        store.unsubscribe(receiving, uid if action == UNSUBSCRIBE else None, (org,))
     return 0x0000
 
 

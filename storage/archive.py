@@ -29,7 +29,9 @@ from pynetdicom import AllStoragePresentationContexts
 
 from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, normalize_date, normalize_time
 from .blobs import BlobStore, FileBlobStore
-from .errors import InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass
+from .errors import (
+    Conflict, InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass,
+)
 from .events import EventBus, InstanceStored, StudyStable
 from .identity import IdentityStore
 from .metrics import Metrics
@@ -268,6 +270,11 @@ class Archive:
         record = self._record(ds, tsuid, key, size, source, time.time(), source.organization)
         lock = self._key_locks[zlib.crc32(sop_uid.encode()) % len(self._key_locks)]
         with lock:
+            # Before the file goes in place: the same key under another organization's
+            # study is that organization's file, which a refused store must not replace.
+            owner = self.index.study_organization(study_uid)
+            if owner is not None and owner != source.organization:
+                raise Conflict(f"study {study_uid} belongs to another organization", study_uid=study_uid)
             if self.blobs.exists(key):
                 # A replacement goes to a new key: the stored file stays untouched until
                 # the index points at the new one, so a refused or interrupted re-send

@@ -453,10 +453,16 @@ class WorkitemStore:
         for item in current:
             self.events.emit(_state_event(item, (ae_title,)))
 
-    def unsubscribe(self, ae_title: str, uid: str | None) -> None:
+    def unsubscribe(self, ae_title: str, uid: str | None, organizations: tuple[str, ...] | None = None) -> None:
+        """Remove a subscription of ``ae_title``: to a workitem that ``organizations`` may
+        see (else C307), or its global one; only subscriptions those organizations made."""
         target = _subscription_target(uid)
+        if target:
+            self.get(target, organizations)  # C307 when unknown (or another organization's)
+        where, params = ["ae_title = ?", "workitem_uid = ?"], [ae_title, target]
+        _org_filter(where, params, organizations, "org")
         self.index.write(lambda c: c.execute(
-            "DELETE FROM workitem_subscriptions WHERE ae_title = ? AND workitem_uid = ?", (ae_title, target)
+            f"DELETE FROM workitem_subscriptions WHERE {' AND '.join(where)}", params
         ))
 
     def subscribers(self, uid: str, organization: str) -> tuple[str, ...]:

@@ -58,11 +58,17 @@ def test_deleting_another_developers_key_answers_404_and_keeps_it(credentials):
     assert store.check_api_key(key) is not None
 
 
-def test_metrics_stays_public_on_loopback_and_anonymous_calls_are_not_audited(credentials):
+def test_healthz_stays_public_and_anonymous_calls_to_it_are_not_audited(credentials):
     before = credentials.audit_count()
-    assert requests.get(credentials.url("/metrics")).status_code == 200
     assert requests.get(credentials.url("/healthz")).status_code == 200
     assert credentials.audit_count() == before
+
+
+def test_metrics_needs_an_admin_credential(credentials):
+    assert requests.get(credentials.url("/metrics")).status_code == 401
+    assert requests.get(credentials.url("/metrics"), headers=bearer(credentials.api_key())).status_code == 403
+    admin = credentials.api_key(admin=True)
+    assert requests.get(credentials.url("/metrics"), headers=bearer(admin)).status_code == 200
 
 
 def test_unknown_route_without_credentials_is_401_and_audited(credentials):
