@@ -127,19 +127,22 @@ def write_dicomnode_config(folder: Path, peer: Server | None) -> tuple[Path, int
 
 
 def start_dicomnode(folder: Path, peer: Server | None, *, config: tuple[Path, int, int] | None = None,
-                    timeout: float = 120) -> tuple[Server, float]:
+                    timeout: float = 120, repo: Path = REPO, name: str = "dicomnode") -> tuple[Server, float]:
     """Start ``python -m cli.main serve`` from this checkout; returns the server and the
     seconds until both the DIMSE port and ``/healthz`` answer."""
     cfg, ae_port, http_port = config or write_dicomnode_config(folder, peer)
     log_path = folder / "dicomnode.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     started = time.perf_counter()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--config", str(cfg)], cwd=folder,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server("dicomnode", "DICOMNODE", ae_port, http_port, proc, folder, "/dicomweb", log_path,
+    server = Server(name, "DICOMNODE", ae_port, http_port, proc, folder, "/dicomweb", log_path,
                     {"config": (cfg, ae_port, http_port)})
-    ok = wait_port(ae_port, timeout, proc) and _wait_http(http_port, "/healthz", timeout, proc)
+    # /healthz answers once the node is up (the DIMSE server starts first). No bare TCP
+    # probe of the DIMSE port: pynetdicom would hold that half-open association until
+    # its ACSE timeout, and the node's shutdown would wait for it.
+    ok = _wait_http(http_port, "/healthz", timeout, proc)
     elapsed = time.perf_counter() - started
     if not ok:
         server.stop()

@@ -1,0 +1,112 @@
+"""The ingest commit overlaps its fsyncs with the index commits; what is acknowledged
+is still on disk and in the index, and repair settles what a crash leaves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from storage import Archive, Source
+from storage.blobs import FileBlobStore
+from storage.errors import StorageFailure
+from tests import corpus
+
+
+def _bytes(ds) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _journal(archive: Archive) -> list:
+    return archive.index.journal_entries()
+
+
+def test_stored_instance_is_in_place_and_indexed_when_store_returns(tmp_path):
+    archive = Archive(tmp_path / "a")
+    try:
+        ds = corpus.ct_series(1)[0]
+        result = archive.store_bytes(_bytes(ds), Source("test"))
+        [stored] = archive.instances(sop_instance_uids=(result.sop_instance_uid,))
+        assert archive.instance_path(stored).read_bytes() == _bytes(ds)
+    finally:
+        archive.close()
+
+
+def test_finished_journal_rows_are_deleted_by_the_next_transaction_or_at_close(tmp_path):
+    archive = Archive(tmp_path / "a")
+    first, second = corpus.ct_series(2)
+    archive.store_bytes(_bytes(first), Source("test"))
+    assert len(_journal(archive)) == 1  # the finished row waits for the next transaction
+    archive.store_bytes(_bytes(second), Source("test"))
+    assert len(_journal(archive)) == 1
+    archive.close()
+    reopened = Archive(tmp_path / "a")
+    try:
+        assert _journal(reopened) == []
+        assert reopened.counts()["instances"] == 2
+    finally:
+        reopened.close()
+
+
+def test_repair_reindexes_a_stored_blob_whose_journal_row_was_left(tmp_path):
+    archive = Archive(tmp_path / "a")
+    ds = corpus.ct_series(1)[0]
+    result = archive.store_bytes(_bytes(ds), Source("test"))
+    archive.index._writer.finished_journal.clear()  # as if the process died before deleting it
+    archive.close()
+    reopened = Archive(tmp_path / "a")
+    try:
+        assert _journal(reopened) == []
+        assert reopened.instances(sop_instance_uids=(result.sop_instance_uid,))
+    finally:
+        reopened.close()
+
+
+def test_repair_drops_the_row_of_a_blob_whose_rename_did_not_survive(tmp_path):
+    archive = Archive(tmp_path / "a")
+    ds = corpus.ct_series(1)[0]
+    result = archive.store_bytes(_bytes(ds), Source("test"))
+    [stored] = archive.instances(sop_instance_uids=(result.sop_instance_uid,))
+    archive.index._writer.finished_journal.clear()
+    archive.close()
+    Path(archive.blobs.local_path(stored.blob_key)).unlink()  # the crash lost the rename
+    reopened = Archive(tmp_path / "a")
+    try:
+        assert reopened.instances(sop_instance_uids=(result.sop_instance_uid,)) == []
+        assert reopened.counts() == {"patients": 0, "studies": 0, "series": 0, "instances": 0}
+        assert _journal(reopened) == []
+    finally:
+        reopened.close()
+
+
+def test_failed_folder_sync_is_not_acknowledged_and_leaves_the_journal_row(tmp_path, monkeypatch):
+    archive = Archive(tmp_path / "a")
+    try:
+        def fail(self, key):
+            raise StorageFailure("disk gone")
+
+        monkeypatch.setattr(FileBlobStore, "sync_place", fail)
+        with pytest.raises(StorageFailure):
+            archive.store_bytes(_bytes(corpus.ct_series(1)[0]), Source("test"))
+        assert len(_journal(archive)) == 1  # repair decides on the next start
+    finally:
+        archive.close()
+
+
+def test_failed_temp_sync_stores_nothing(tmp_path, monkeypatch):
+    archive = Archive(tmp_path / "a")
+    try:
+        def fail(self, temp):
+            raise StorageFailure("disk gone")
+
+        monkeypatch.setattr(FileBlobStore, "sync_temp", fail)
+        with pytest.raises(StorageFailure):
+            archive.store_bytes(_bytes(corpus.ct_series(1)[0]), Source("test"))
+        assert archive.counts()["instances"] == 0
+        assert list(archive.blobs.iter_keys()) == []
+        assert _journal(archive) == []
+    finally:
+        archive.close()
