@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .servers import NODELAY_ENV, Server, dcmtk, rss_mb
 
@@ -69,21 +69,51 @@ def cstore(server: Server, files: list[Path], associations: int, timeout: float 
     return elapsed
 
 
-def cfind(server: Server, level: str, keys: dict[str, str], timeout: float = 120) -> tuple[float, int]:
-    """One study-root C-FIND with findscu; (ms, number of matches)."""
-    args = [dcmtk("findscu"), "-v", "-S", "-aet", "BENCHSCU", "-aec", server.ae_title,
-            "-k", f"QueryRetrieveLevel={level}"]
-    for key, value in keys.items():
-        args += ["-k", f"{key}={value}" if value != "" else key]
-    args += ["127.0.0.1", str(server.dimse_port)]
-    started = time.perf_counter()
-    proc = subprocess.run(args, env=NODELAY_ENV, capture_output=True, text=True, timeout=timeout)
-    elapsed = (time.perf_counter() - started) * 1000
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(f"findscu to {server.name} failed: {out[-400:]}")
-    matches = sum(1 for line in out.splitlines() if "Find Response:" in line and "Pending" in line)
-    return elapsed, matches
+class FindSession:
+    """One association (pynetdicom SCU, TCP_NODELAY) reused for many study-root C-FINDs,
+    so that a figure is the query, not a tool start plus an association."""
+
+    def __init__(self, server: Server, timeout: float = 120) -> None:
+        import socket
+
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        def nodelay(event: Any) -> None:
+            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        self.sop_class = StudyRootQueryRetrieveInformationModelFind
+        ae = AE(ae_title="BENCHSCU")
+        ae.add_requested_context(self.sop_class)
+        ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = timeout
+        self.server = server
+        self.assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title,
+                                  evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+        if not self.assoc.is_established:
+            raise RuntimeError(f"no association with {server.name}")
+
+    def find(self, level: str, keys: dict[str, str]) -> tuple[float, int]:
+        """(ms, number of matches) of one C-FIND."""
+        from pydicom.dataset import Dataset
+
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        for key, value in keys.items():
+            setattr(ds, key, value)
+        matches = 0
+        started = time.perf_counter()
+        for status, _ in self.assoc.send_c_find(ds, self.sop_class):
+            if status is None or "Status" not in status:
+                raise RuntimeError(f"C-FIND to {self.server.name}: no response (timeout or abort)")
+            if status.Status in (0xFF00, 0xFF01):
+                matches += 1
+            elif status.Status != 0x0000:
+                raise RuntimeError(f"C-FIND to {self.server.name} failed: status 0x{status.Status:04X}")
+        return (time.perf_counter() - started) * 1000, matches
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
 
 
 def echo_ms(server: Server) -> float:
