@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from config import Settings
 from storage import Archive
 
 from . import handlers as h
+from .reactor import EventDrivenRequestHandler
 
 log = logging.getLogger("dicomnode.node")
 
@@ -68,9 +70,16 @@ class DicomNode:
 
     def start(self) -> None:
         ae = self.settings.ae
-        self.server = self.ae.start_server(
-            (ae.host, ae.port), block=False, evt_handlers=self.handlers(), ae_title=ae.title
+        # pynetdicom's AE.start_server(block=False), with the event-driven acceptor
+        # associations of node/reactor.py (pynetdicom's own request_handler argument).
+        server = self.ae.make_server(
+            (ae.host, ae.port), ae_title=ae.title, evt_handlers=self.handlers(),
+            server_class=ThreadedAssociationServer, request_handler=EventDrivenRequestHandler,
         )
+        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # as start_server does; server.shutdown() removes it
+        self.server = server
         log.info("DIMSE node %s listening on %s:%d", ae.title, ae.host, self.port)
 
     def active_associations(self) -> list:
