@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -105,6 +105,10 @@ class DicomNode:
 
 
 def build_ae(settings: Settings) -> AE:
+    # Received C-STORE datasets go straight to a file as their PDUs arrive, which the
+    # archive takes over (no bytes object of the whole dataset, no copy). pynetdicom's
+    # documented switch; it is process-wide, and the store handler accepts both ways.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae.title)
     ae.maximum_associations = settings.ae.max_associations
     ae.maximum_pdu_size = settings.ae.max_pdu_size

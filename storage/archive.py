@@ -188,6 +188,16 @@ class Archive:
         with open(path, "rb") as fh:
             return self.store_stream(fh, source, expected_study)
 
+    def store_received_file(self, path: Path, source: Source, expected_study: str | None = None) -> StoreResult:
+        """Store the file at ``path``, which the caller gives up (a file a receiver wrote,
+        such as pynetdicom's chunked C-STORE dataset): moved into the archive's temp
+        folder when on the same file system, else copied. Same ingest path."""
+        adopt = getattr(self.blobs, "adopt_temp", None)
+        temp = adopt(Path(path)) if adopt is not None else None
+        if temp is None:
+            return self.store_file(Path(path), source, expected_study)
+        return self.store_temp(temp, source, expected_study)
+
     def new_temp(self) -> tuple[BinaryIO, Path]:
         """A temp file inside the archive that a caller fills and hands to ``store_temp``."""
         return self.blobs.new_temp()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
@@ -53,6 +54,16 @@ class FileBlobStore:
         the final location so that the later rename is atomic."""
         fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         return os.fdopen(fd, "w+b"), Path(name)
+
+    def adopt_temp(self, path: Path) -> Path | None:
+        """Move a file the caller gives up into the temp folder (a rename: no copy);
+        ``None`` when it lives on another file system."""
+        name = self.tmp / f"{uuid.uuid4().hex}.part"  # a fresh name; nothing else writes here
+        try:
+            os.replace(path, name)
+        except OSError:
+            return None
+        return name
 
     def commit(self, temp_path: Path, key: str) -> int:
         """Move a fully written temp file to ``key`` atomically; returns its size."""

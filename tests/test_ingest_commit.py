@@ -110,3 +110,36 @@ def test_failed_temp_sync_stores_nothing(tmp_path, monkeypatch):
         assert _journal(archive) == []
     finally:
         archive.close()
+
+
+def test_a_received_file_is_taken_over_not_copied(tmp_path):
+    archive = Archive(tmp_path / "a")
+    try:
+        ds = corpus.ct_series(1)[0]
+        received = tmp_path / "a" / "received.dcm"  # same file system as the archive
+        received.write_bytes(_bytes(ds))
+        inode = received.stat().st_ino
+        result = archive.store_received_file(received, Source("test"))
+        assert not received.exists()
+        [stored] = archive.instances(sop_instance_uids=(result.sop_instance_uid,))
+        path = archive.instance_path(stored)
+        assert path.stat().st_ino == inode
+        assert path.read_bytes() == _bytes(ds)
+    finally:
+        archive.close()
+
+
+def test_storescu_dataset_arrives_through_the_chunked_file(node, monkeypatch):
+    """The node receives C-STORE datasets as files (STORE_RECV_CHUNKED_DATASET) and the
+    archive keeps pynetdicom's file: no temp file is left behind either way."""
+    from pynetdicom import _config
+
+    from tests.conftest import dcmtk
+
+    assert _config.STORE_RECV_CHUNKED_DATASET is True
+    path = node.data_dir.parent / "one.dcm"
+    ds = corpus.ct_series(1)[0]
+    ds.save_as(path, enforce_file_format=True)
+    dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path), check=True)
+    assert node.archive.instances(sop_instance_uids=(ds.SOPInstanceUID,))
+    assert list((node.data_dir / "blobs" / ".tmp").iterdir()) == []
