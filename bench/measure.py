@@ -4,13 +4,13 @@ bounded by a timeout."""
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import statistics
 import subprocess
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -261,9 +261,8 @@ def peak_rss_during(pid: int, work: Callable[[], object], interval: float = 0.02
 
 
 def stow_stream(server: Server, template: Path, total_bytes: int, timeout: float = 1800) -> float:
-    """One chunked STOW request of about ``total_bytes`` (copies of ``template`` with fresh
-    UIDs would be needed for distinct instances; the body repeats one instance, which
-    the server stores once and replaces); wall seconds."""
+    """One chunked STOW request of about ``total_bytes``: copies of ``template``, each
+    with a fresh SOP Instance UID, made while sending; wall seconds."""
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -281,7 +280,6 @@ def stow_stream(server: Server, template: Path, total_bytes: int, timeout: float
         while sent < total_bytes:
             ds.SOPInstanceUID = generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            import io
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             part = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + buf.getvalue() + b"\r\n"
