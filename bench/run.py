@@ -79,6 +79,7 @@ class Bench:
         self.study0: dict[str, str] = {}
         self.avail: dict[str, dict[str, bool]] = {}
         self._set = 0
+        self.kept_logs: list[tuple[str, bytes]] = []
 
     # -- helpers
     def fig(self, name: str, target: str, value: Any) -> None:
@@ -105,6 +106,11 @@ class Bench:
         for entry in scp.folder.iterdir():
             if entry.is_file():
                 entry.unlink()
+
+    def keep_log(self, server: Server) -> None:
+        """Keep a server's log beside the results when something failed."""
+        if server.log_path is not None and server.log_path.exists():
+            self.kept_logs.append((server.name, server.log_path.read_bytes()[-2_000_000:]))
 
     def order(self, r: int, names: list[str]) -> list[str]:
         """Rotate who goes first on each repeat (warm caches, background load)."""
@@ -181,13 +187,22 @@ class Bench:
             secs = []
             for _ in range(self.plan.repeats):
                 self.clear_storescp()
-                secs.append(cmove(server, dest, self.study0[server.name]))
+                try:
+                    secs.append(cmove(server, dest, self.study0[server.name]))
+                except RuntimeError as exc:
+                    self.note(f"C-MOVE from {server.name} failed: {exc}"[:400])
+                    self.keep_log(server)
+                    continue
                 got = sum(1 for p in dest.folder.iterdir() if p.is_file())
                 if got != self.plan.instances:
                     self.note(f"C-MOVE from {server.name} delivered {got} of {self.plan.instances} instances")
             self.clear_storescp()
+            if not secs:
+                self.fig("cmove_study", server.name, "failed: every repeat failed")
+                continue
             m = median(secs)
-            self.fig("cmove_study", server.name, {"instances_per_s": self.plan.instances / m, "runs_s": secs})
+            self.fig("cmove_study", server.name, {"instances_per_s": self.plan.instances / m, "runs_s": secs,
+                                                  "failed_repeats": self.plan.repeats - len(secs)})
             self.log(f"  {'cmove_study':<22} {server.name:<10} {self.plan.instances / m:8.1f} inst/s")
 
     def fill(self, target_count: int) -> None:
@@ -549,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         status = 130
     except Exception as exc:
         bench.note(f"run stopped early: {type(exc).__name__}: {exc}")
+        for server in bench.servers.values():
+            bench.keep_log(server)
         status = 1
     finally:
         bench.stop()
@@ -557,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{stamp}.json"
     out.write_text(json.dumps(bench.results, indent=2))
+    for i, (name, text) in enumerate(bench.kept_logs):
+        (args.out / f"{stamp}-{name}-{i}.log").write_bytes(text)
     print()
     print(table(bench.results))
     print(f"\nresults: {out}")
