@@ -8,6 +8,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import pydicom
@@ -180,10 +181,15 @@ def handle_store(event: Event, ctx: NodeContext) -> int:
     peer = ctx.peer_of(event)
     peer.operations["C-STORE"] += 1
     try:
-        data = event.encoded_dataset(include_meta=True)
         # The file meta pynetdicom prepends carries the command's SOP Class and Instance
         # UIDs; the archive refuses a dataset that disagrees with them.
-        ctx.archive.store_bytes(data, ctx.source(event))
+        received = getattr(event.request, "_dataset_path", None)  # = event.dataset_path when set
+        if isinstance(received, Path):
+            # STORE_RECV_CHUNKED_DATASET (node/server.py): pynetdicom wrote the dataset
+            # to a file as it arrived; the archive takes that file over.
+            ctx.archive.store_received_file(received, ctx.source(event))
+        else:
+            ctx.archive.store_bytes(event.encoded_dataset(include_meta=True), ctx.source(event))
     except ArchiveError as exc:
         status = status_for(exc, STORE_STATUS)
         peer.failures[f"C-STORE 0x{status:04X}"] += 1

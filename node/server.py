@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -22,6 +23,7 @@ from storage import Archive
 
 from . import handlers as h
 from . import worklist as wl
+from .reactor import EventDrivenRequestHandler
 
 log = logging.getLogger("dicomnode.node")
 
@@ -75,9 +77,16 @@ class DicomNode:
 
     def start(self) -> None:
         ae = self.settings.ae
-        self.server = self.ae.start_server(
-            (ae.host, ae.port), block=False, evt_handlers=self.handlers(), ae_title=ae.title
+        # pynetdicom's AE.start_server(block=False), with the event-driven acceptor
+        # associations of node/reactor.py (pynetdicom's own request_handler argument).
+        server = self.ae.make_server(
+            (ae.host, ae.port), ae_title=ae.title, evt_handlers=self.handlers(),
+            server_class=ThreadedAssociationServer, request_handler=EventDrivenRequestHandler,
         )
+        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # as start_server does; server.shutdown() removes it
+        self.server = server
         self.event_reporter.start()
         log.info("DIMSE node %s listening on %s:%d", ae.title, ae.host, self.port)
 
@@ -105,6 +114,10 @@ class DicomNode:
 
 
 def build_ae(settings: Settings) -> AE:
+    # Received C-STORE datasets go straight to a file as their PDUs arrive, which the
+    # archive takes over (no bytes object of the whole dataset, no copy). pynetdicom's
+    # documented switch; it is process-wide, and the store handler accepts both ways.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae.title)
     ae.maximum_associations = settings.ae.max_associations
     ae.maximum_pdu_size = settings.ae.max_pdu_size

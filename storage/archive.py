@@ -165,6 +165,10 @@ class Archive:
                         log.warning("repair: dropping unreadable blob %s: %s", key, exc)
                         self.blobs.delete(key)
                         report["dropped"] += 1
+            elif self.index.instance_by_blob(key) is not None:
+                # The row was committed but the file's rename did not survive.
+                self.index.journal_remove(self.index.forget_blob(key))
+                report["dropped"] += 1
             done.append(pk)
         self.index.journal_remove(done)
         if any(report.values()):
@@ -206,6 +210,16 @@ class Archive:
         """Store a copy of the file at ``path`` (the original is left alone)."""
         with open(path, "rb") as fh:
             return self.store_stream(fh, source, expected_study)
+
+    def store_received_file(self, path: Path, source: Source, expected_study: str | None = None) -> StoreResult:
+        """Store the file at ``path``, which the caller gives up (a file a receiver wrote,
+        such as pynetdicom's chunked C-STORE dataset): moved into the archive's temp
+        folder when on the same file system, else copied. Same ingest path."""
+        adopt = getattr(self.blobs, "adopt_temp", None)
+        temp = adopt(Path(path)) if adopt is not None else None
+        if temp is None:
+            return self.store_file(Path(path), source, expected_study)
+        return self.store_temp(temp, source, expected_study)
 
     def new_temp(self) -> tuple[BinaryIO, Path]:
         """A temp file inside the archive that a caller fills and hands to ``store_temp``."""
@@ -281,15 +295,18 @@ class Archive:
                 # never changes what was acknowledged before.
                 key = f"{study_uid}/{series_uid}/{sop_uid}.{uuid.uuid4().hex[:12]}.dcm"
                 record = dataclasses.replace(record, blob_key=key)
-            journal_pk = self.index.journal_add(key, "store")
-            try:
-                self.blobs.commit(temp, key)
-                outcome = self.index.upsert_instance(record, journal_pk)
-            except BaseException:
-                # Not acknowledged: put things back as they were (repair does the same
-                # after a crash): the new file goes, the one stored before stays.
-                self.repair_entry(journal_pk, key)
-                raise
+            if isinstance(self.blobs, FileBlobStore):
+                outcome = self._commit_overlapped(temp, key, record)
+            else:
+                journal_pk = self.index.journal_add(key, "store")
+                try:
+                    self.blobs.commit(temp, key)
+                    outcome = self.index.upsert_instance(record, journal_pk)
+                except BaseException:
+                    # Not acknowledged: put things back as they were (repair does the same
+                    # after a crash): the new file goes, the one stored before stays.
+                    self.repair_entry(journal_pk, key)
+                    raise
         self._drop_obsolete(outcome)
         result = StoreResult(
             sop_class_uid=sop_class,
@@ -314,6 +331,45 @@ class Archive:
             self.blobs.delete(outcome.obsolete_blob)
             if outcome.obsolete_journal is not None:
                 self.index.journal_remove([outcome.obsolete_journal])
+    def _commit_overlapped(self, temp: Path, key: str, record: InstanceRecord) -> Any:
+        """Journal, file and index in the order ``commit`` + ``upsert`` use, with each
+        fsync overlapped with an index commit instead of waiting behind it:
+
+        1. journal row committed  ||  temp file fsynced
+        2. rename to ``key``
+        3. index row committed    ||  folder fsynced (the rename made durable)
+
+        Both halves of 3 finish before the caller acknowledges. The journal row stays
+        until then, so a crash in 3 leaves ``repair`` a row to check: it re-indexes the
+        file when the rename survived and drops the index row when it did not. The row
+        is deleted with the next index transaction, at no commit of its own."""
+        blobs = self.blobs
+        assert isinstance(blobs, FileBlobStore)
+        journal = self.index.journal_add_async(key, "store")
+        try:
+            blobs.sync_temp(temp)
+        except BaseException:
+            if journal.exception() is None:
+                self.repair_entry(journal.result(), key)  # nothing was placed
+            raise
+        journal_pk = journal.result()  # raises (nothing placed yet) if the journal failed
+        outcome = None
+        try:
+            blobs.place(temp, key)
+            upsert = self.index.upsert_instance_async(record)
+            try:
+                blobs.sync_place(key)
+            finally:
+                outcome = upsert.result()
+        except BaseException:
+            if outcome is not None:
+                # The row is committed but the rename may not be durable: leave the
+                # journal row for repair on the next start; not acknowledged.
+                raise
+            self.repair_entry(journal_pk, key)
+            raise
+        self.index.journal_finished(journal_pk)
+        return outcome
 
     def repair_entry(self, journal_pk: int, key: str) -> None:
         """Undo one interrupted store: drop the blob unless a row describes it."""

@@ -78,6 +78,16 @@ class FileBlobStore:
         fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         return os.fdopen(fd, "w+b"), Path(name)
 
+    def adopt_temp(self, path: Path) -> Path | None:
+        """Move a file the caller gives up into the temp folder (a rename: no copy);
+        ``None`` when it lives on another file system."""
+        name = self.tmp / f"{uuid.uuid4().hex}.part"  # a fresh name; nothing else writes here
+        try:
+            os.replace(path, name)
+        except OSError:
+            return None
+        return name
+
     def commit(self, temp_path: Path, key: str) -> int:
         """Move a fully written temp file to ``key`` atomically; returns its size."""
         final = self._path(key)
@@ -91,6 +101,32 @@ class FileBlobStore:
         except OSError as exc:
             raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
         return size
+
+    # The three steps of ``commit``, for a caller that overlaps the fsyncs with other
+    # work (the archive runs the index commits meanwhile). Same order, same guarantees.
+    def sync_temp(self, temp_path: Path) -> None:
+        """Make the temp file's content durable."""
+        try:
+            with open(temp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise StorageFailure(f"could not write {temp_path.name}: {exc.strerror or exc}") from exc
+
+    def place(self, temp_path: Path, key: str) -> None:
+        """Rename a synced temp file to ``key`` (durable once ``sync_place`` returns)."""
+        final = self._path(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp_path, final)
+        except OSError as exc:
+            raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
+
+    def sync_place(self, key: str) -> None:
+        """Make the rename of ``key`` durable (fsync its folder)."""
+        try:
+            _fsync_dir(self._path(key).parent)
+        except OSError as exc:
+            raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
 
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")

@@ -195,6 +195,15 @@ class _Writer(threading.Thread):
         self.jobs: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future] | None] = queue.Queue()
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
+        # journal rows whose work is finished, deleted inside the next transaction
+        # (or at close) instead of costing a commit of their own
+        self.finished_journal: list[int] = []
+        self._finished_lock = threading.Lock()
+
+    def take_finished_journal(self) -> list[int]:
+        with self._finished_lock:
+            pks, self.finished_journal = self.finished_journal, []
+        return pks
 
     def run(self) -> None:
         try:
@@ -227,17 +236,23 @@ class _Writer(threading.Thread):
             self._run_batch(conn, batch)
             if stop:
                 break
+        self._run_batch(conn, [])  # the finished journal rows still waiting
         conn.close()
 
-    @staticmethod
-    def _run_batch(conn: sqlite3.Connection, batch: list) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list) -> None:
         results: list[tuple[Future, Any, BaseException | None]] = []
+        finished = self.take_finished_journal()
+        if not batch and not finished:
+            return
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             for _, fut in batch:
                 fut.set_exception(StorageFailure(f"index unavailable: {exc}"))
+            self._give_back(finished)
             return
+        if finished:
+            conn.executemany("DELETE FROM journal WHERE pk = ?", [(pk,) for pk in finished])
         for fn, fut in batch:
             conn.execute("SAVEPOINT job")
             try:
@@ -258,12 +273,18 @@ class _Writer(threading.Thread):
                 pass
             for fut, _, _ in results:
                 fut.set_exception(StorageFailure(f"index commit failed: {exc}"))
+            self._give_back(finished)
             return
         for fut, value, error in results:
             if error is None:
                 fut.set_result(value)
             else:
                 fut.set_exception(error)
+
+
+    def _give_back(self, pks: list[int]) -> None:
+        with self._finished_lock:
+            self.finished_journal[:0] = pks
 
 
 def _owner_only(path: Path) -> None:
@@ -302,11 +323,17 @@ class SQLiteIndex:
     # -- plumbing
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on the writer thread inside a transaction; return its result."""
+        return self.submit(fn).result()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> "Future[T]":
+        """Queue ``fn(conn)`` for the writer thread; the future resolves once the
+        transaction that ran it is committed (so the caller can do other work, such as
+        an fsync, meanwhile)."""
         if self._closed:
             raise StorageFailure("the index is closed")
         fut: Future = Future()
         self._writer.jobs.put((fn, fut))
-        return fut.result()
+        return fut
 
     def reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -333,6 +360,21 @@ class SQLiteIndex:
             ).lastrowid
         )
 
+    def journal_add_async(self, blob_key: str, action: str) -> "Future[int]":
+        return self.submit(
+            lambda c: c.execute(
+                "INSERT INTO journal (blob_key, action, created_at) VALUES (?, ?, ?)",
+                (blob_key, action, time.time()),
+            ).lastrowid
+        )
+
+    def journal_finished(self, pk: int) -> None:
+        """The work journal row ``pk`` recorded is durable: delete the row with the next
+        transaction (or at close), without a commit of its own. Until then a crash only
+        means ``repair`` re-checks that blob on the next start."""
+        with self._writer._finished_lock:
+            self._writer.finished_journal.append(pk)
+
     def journal_remove(self, pks: list[int]) -> None:
         if pks:
             self.write(lambda c: c.executemany("DELETE FROM journal WHERE pk = ?", [(pk,) for pk in pks]))
@@ -343,6 +385,24 @@ class SQLiteIndex:
     # -- ingest
     def upsert_instance(self, record: InstanceRecord, journal_pk: int | None = None) -> UpsertOutcome:
         return self.write(lambda c: _upsert(c, record, journal_pk))
+
+    def upsert_instance_async(self, record: InstanceRecord) -> "Future[UpsertOutcome]":
+        """Queue the upsert; the journal row of the blob stays until ``journal_finished``."""
+        return self.submit(lambda c: _upsert(c, record, None))
+
+    def forget_blob(self, blob_key: str) -> list[int]:
+        """Remove the instance row that points at ``blob_key`` (its file never became
+        durable); returns the journal rows recording the file deletion."""
+        def job(c: sqlite3.Connection) -> list[int]:
+            row = c.execute(
+                "SELECT st.study_uid, se.series_uid, i.sop_instance_uid FROM instances i "
+                "JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk "
+                "WHERE i.blob_key = ?", (blob_key,)
+            ).fetchone()
+            if row is None:
+                return []
+            return _delete(c, row[0], row[1], row[2], None)[1]
+        return self.write(job)
 
     # -- reads
     def query(self, compiled: CompiledQuery) -> Iterator[tuple]:

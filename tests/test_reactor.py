@@ -1,0 +1,75 @@
+"""The node's accepted associations use the event-driven reactor (node/reactor.py) and
+behave as pynetdicom's: echo, store, find, release, abort, peer disconnect."""
+from __future__ import annotations
+
+import socket
+import threading
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
+
+from node.reactor import EventDrivenAssociation
+from tests import corpus
+
+
+def _scu() -> AE:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    return ae
+
+
+def _wait_until_no_associations(node, timeout: float = 10) -> bool:
+    done = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        if not node.running.node.active_associations():
+            return True
+        done.wait(0.05)
+    return False
+
+
+def test_accepted_associations_are_event_driven_and_release_cleanly(node):
+    assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    [accepted] = node.running.node.active_associations()
+    assert isinstance(accepted, EventDrivenAssociation)
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert assoc.is_released
+    assert _wait_until_no_associations(node)
+
+
+def test_many_stores_and_a_multi_response_find_on_one_association(node):
+    series = corpus.ct_series(20, patient=corpus.Patient(patient_id="REACTOR1"))
+    assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    try:
+        for ds in series:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.PatientID = "REACTOR1"
+        query.StudyInstanceUID = series[0].StudyInstanceUID
+        query.SeriesInstanceUID = series[0].SeriesInstanceUID
+        query.SOPInstanceUID = ""
+        statuses = [s.Status for s, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+        assert statuses.count(0xFF00) == 20 and statuses[-1] == 0x0000
+    finally:
+        assoc.release()
+    assert _wait_until_no_associations(node)
+
+
+def test_peer_abort_ends_the_association(node):
+    assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    assoc.abort()
+    assert _wait_until_no_associations(node)
+
+
+def test_peer_dropping_the_connection_ends_the_association(node):
+    assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    assert _wait_until_no_associations(node)
+    assoc.abort()
