@@ -103,8 +103,9 @@ class DicomNode:
         self.event_reporter.stop()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
-            active = server.active_associations
-            if not active:
+            # Wait for associations doing work; a connection that never completed its
+            # association request (a port scan, a stuck peer) is not worth waiting for.
+            if not any(assoc.is_established for assoc in server.active_associations):
                 break
             time.sleep(0.05)
         for assoc in server.active_associations:

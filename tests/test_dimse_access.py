@@ -66,3 +66,14 @@ def test_accepted_sockets_have_nagle_disabled(node):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         assoc.release()
+
+
+def test_a_connection_that_never_associates_does_not_hold_up_shutdown(start_node):
+    import threading
+
+    node = start_node()
+    with socket.create_connection(("127.0.0.1", node.ae_port)):
+        stopper = threading.Thread(target=node.stop, kwargs={"grace_s": 60})
+        stopper.start()
+        stopper.join(timeout=20)  # a hang would wait out the 60 s grace period
+        assert not stopper.is_alive()
