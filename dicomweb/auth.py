@@ -28,10 +28,10 @@ from .errors import status_for
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # request keys
-PRINCIPAL = "dicomnode.principal"
-AUTH_FAILURE = "dicomnode.auth_failure"  # why presented credentials were refused
-AUDIT_ACTOR = "dicomnode.audit_actor"  # who a public route (a token endpoint) acted for
-AUDIT_STUDY = "dicomnode.audit_study"  # the study a request touched, when not in its URL
+PRINCIPAL = web.RequestKey("dicomnode.principal", object)  # a Principal
+AUTH_FAILURE = web.RequestKey("dicomnode.auth_failure", str)  # why presented credentials were refused
+AUDIT_ACTOR = web.RequestKey("dicomnode.audit_actor", tuple)  # who a public route (a token endpoint) acted for
+AUDIT_STUDY = web.RequestKey("dicomnode.audit_study", object)  # the study a request touched, when not in its URL
 
 __all__ = [
     "ANONYMOUS", "AUDIT_ACTOR", "AUDIT_STUDY", "AUTH_FAILURE", "Authenticator", "PRINCIPAL", "Principal",
