@@ -506,6 +506,23 @@ def _level_values(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _insert(conn: sqlite3.Connection, table: str, values: dict[str, Any]) -> int:
+    cols = ", ".join(values)
+    marks = ", ".join("?" * len(values))
+    return conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(values.values())).lastrowid
+
+
+def _update(conn: sqlite3.Connection, table: str, pk: int, values: dict[str, Any]) -> None:
+    if values:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        conn.execute(f"UPDATE {table} SET {sets} WHERE pk = ?", (*values.values(), pk))
+
+
+def _known(values: dict[str, Any], *unique: str) -> dict[str, Any]:
+    """The values an update may write: the ones the instance carries, not its keys."""
+    return {k: v for k, v in values.items() if v not in (None, "") and k not in unique}
+
+
 def _upsert(conn: sqlite3.Connection, rec: InstanceRecord, journal_pk: int | None) -> UpsertOutcome:
     now = rec.received_at
     org = rec.organization
@@ -517,16 +534,9 @@ def _upsert(conn: sqlite3.Connection, rec: InstanceRecord, journal_pk: int | Non
     ).fetchone()
     if row:
         patient_pk = row[0]
-        updates = {k: v for k, v in patient.items() if v not in (None, "") and k not in ("patient_id", "issuer_of_patient_id")}
-        if updates:
-            sets = ", ".join(f"{k} = ?" for k in updates)
-            conn.execute(f"UPDATE patients SET {sets} WHERE pk = ?", (*updates.values(), patient_pk))
+        _update(conn, "patients", patient_pk, _known(patient, "patient_id", "issuer_of_patient_id"))
     else:
-        cols = ["org", *patient]
-        patient_pk = conn.execute(
-            f"INSERT INTO patients ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            (org, *patient.values()),
-        ).lastrowid
+        patient_pk = _insert(conn, "patients", {"org": org, **patient})
     # study
     study = _level_values(rec.study)
     row = conn.execute("SELECT pk, org FROM studies WHERE study_uid = ?", (rec.study_uid,)).fetchone()
@@ -534,39 +544,21 @@ def _upsert(conn: sqlite3.Connection, rec: InstanceRecord, journal_pk: int | Non
     if row:
         study_pk, study_org = row
         if study_org != org:
-            raise Conflict(
-                f"study {rec.study_uid} belongs to another organization",
-                study_uid=rec.study_uid,
-            )
-        updates = {k: v for k, v in study.items() if v not in (None, "") and k != "study_uid"}
-        sets = ", ".join([*(f"{k} = ?" for k in updates), "updated_at = ?", "stable = 0"])
-        conn.execute(f"UPDATE studies SET {sets} WHERE pk = ?", (*updates.values(), now, study_pk))
+            raise Conflict(f"study {rec.study_uid} belongs to another organization", study_uid=rec.study_uid)
+        _update(conn, "studies", study_pk, {**_known(study, "study_uid"), "updated_at": now, "stable": 0})
     else:
-        cols = ["patient_pk", "org", "created_at", "updated_at", *study]
-        study_pk = conn.execute(
-            f"INSERT INTO studies ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            (patient_pk, org, now, now, *study.values()),
-        ).lastrowid
+        study_pk = _insert(conn, "studies", {"patient_pk": patient_pk, "org": org, "created_at": now,
+                                             "updated_at": now, **study})
     # series
-    series = rec.series
     row = conn.execute("SELECT pk, study_pk FROM series WHERE series_uid = ?", (rec.series_uid,)).fetchone()
     if row:
         series_pk, series_study_pk = row
         if series_study_pk != study_pk:
-            raise Conflict(
-                f"series {rec.series_uid} is already stored under another study",
-                series_uid=rec.series_uid,
-            )
-        updates = {k: v for k, v in series.items() if v not in (None, "") and k != "series_uid"}
-        if updates:
-            sets = ", ".join(f"{k} = ?" for k in updates)
-            conn.execute(f"UPDATE series SET {sets} WHERE pk = ?", (*updates.values(), series_pk))
+            raise Conflict(f"series {rec.series_uid} is already stored under another study",
+                           series_uid=rec.series_uid)
+        _update(conn, "series", series_pk, _known(rec.series, "series_uid"))
     else:
-        cols = ["study_pk", *series]
-        series_pk = conn.execute(
-            f"INSERT INTO series ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            (study_pk, *series.values()),
-        ).lastrowid
+        series_pk = _insert(conn, "series", {"study_pk": study_pk, **rec.series})
         conn.execute("UPDATE studies SET num_series = num_series + 1 WHERE pk = ?", (study_pk,))
     # instance
     inst = dict(rec.instance)
@@ -590,16 +582,11 @@ def _upsert(conn: sqlite3.Connection, rec: InstanceRecord, journal_pk: int | Non
                 f"instance {rec.sop_instance_uid} is already stored under another series",
                 sop_instance_uid=rec.sop_instance_uid,
             )
-        sets = ", ".join(f"{k} = ?" for k in inst)
-        conn.execute(f"UPDATE instances SET {sets} WHERE pk = ?", (*inst.values(), inst_pk))
+        _update(conn, "instances", inst_pk, inst)
         if old_key != rec.blob_key:
             obsolete = old_key
     else:
-        cols = list(inst)
-        conn.execute(
-            f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            tuple(inst.values()),
-        )
+        _insert(conn, "instances", inst)
         conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?", (series_pk,))
         conn.execute("UPDATE studies SET num_instances = num_instances + 1 WHERE pk = ?", (study_pk,))
     if journal_pk is not None:
