@@ -62,10 +62,17 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # True only while the DUL thread is (about to be) blocked in select(): a put
+        # writes to the pipe only then, not for every PDU of a stream of C-FIND
+        # responses (each write a syscall and a GIL hand-over to a thread that is busy
+        # anyway and would find the item on its next pass).
+        self._sleeping = False
         self.event_queue = _WakingQueue(self._wakeup)
         self.to_provider_queue = _WakingQueue(self._wakeup)
 
     def _wakeup(self) -> None:
+        if not self._sleeping:
+            return
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):
@@ -73,6 +80,16 @@ class EventDrivenDUL(DULServiceProvider):
 
     def _wait(self) -> None:
         """Until the socket is readable, a queue was fed, or ``POLL_S`` passed."""
+        self._sleeping = True
+        try:
+            # a put between the loop's last look and the flag did not signal: look again
+            if self.to_provider_queue.qsize() or self.event_queue.qsize():
+                return
+            self._select()
+        finally:
+            self._sleeping = False
+
+    def _select(self) -> None:
         sock = getattr(self.socket, "socket", None)
         if isinstance(sock, ssl.SSLSocket):
             select.select([self._wake_r], [], [], 0.001)  # TLS may buffer: keep polling
