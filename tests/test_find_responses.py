@@ -103,3 +103,41 @@ def test_installed_encoder_leaves_other_datasets_and_big_endian_to_pynetdicom() 
         assert service_class.encode(built, implicit, True) == encode(ref, implicit, True)
     assert service_class.encode(built, False, False) == encode(ref, False, False)
     assert service_class.encode(ref, True, True) == encode(ref, True, True)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send_pdu(self, pdata) -> None:
+        self.sent.append(list(pdata.presentation_data_value_list))
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16382, 40])
+def test_cached_find_command_sets_send_the_pdus_pynetdicom_would(max_pdu: int) -> None:
+    """EventDrivenDIMSE's pending C-FIND path against pynetdicom's own send_msg."""
+    from io import BytesIO
+
+    from pynetdicom import AE
+    from pynetdicom._globals import MODE_ACCEPTOR
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.dimse_primitives import C_FIND
+
+    from node.reactor import EventDrivenAssociation
+
+    assoc = EventDrivenAssociation(AE(), MODE_ACCEPTOR)
+    assoc.requestor.maximum_length = max_pdu
+    fast, slow = _Sink(), _Sink()
+    for status, data in [(0xFF00, b"\x08\x00\x52\x00\x06\x00\x00\x00SERIES" * 9), (0xFF00, b"x" * 101),
+                         (0xFF01, b"yy"), (0xFF00, b"z" * 7)]:
+        for sink, send in ((fast, assoc.dimse.send_msg),
+                           (slow, lambda p, c: DIMSEServiceProvider.send_msg(assoc.dimse, p, c))):
+            rsp = C_FIND()
+            rsp.MessageIDBeingRespondedTo = 7
+            rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+            rsp.Status = status
+            rsp.Identifier = BytesIO(data)
+            assoc.dul = sink
+            send(rsp, 3)
+    assert fast.sent == slow.sent and len(fast.sent) >= 8
+    assert len(assoc.dimse._find_commands) == 2  # the fast path ran (one command set per status)
