@@ -40,9 +40,26 @@ def resolve_attribute(name: str) -> str | None:
 
 def value_element(keyword: str, value: Any) -> dict[str, Any]:
     """One DICOM JSON element for a plain value taken from the index."""
+    return vr_value_element(json_vr(keyword), value)
+
+
+def json_vr(keyword: str) -> str:
+    """The VR a keyword's index value is sent with (the first of an ambiguous one)."""
     vr = dictionary_VR(tag_for_keyword(keyword))
     if vr in ("US or SS", "OB or OW", "US or OW", "US or SS or OW"):
         vr = vr.split(" or ")[0]
+    return vr
+
+
+_PLAIN_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI", "UC"})
+
+
+def vr_value_element(vr: str, value: Any) -> dict[str, Any]:
+    """:func:`value_element` with the VR already known (once per query, not per value)."""
+    if value is None or value == "" or value == []:
+        return {"vr": vr}
+    if vr in _PLAIN_TEXT_VRS and type(value) is str and "\\" not in value:
+        return {"vr": vr, "Value": [value]}  # the common case, as _values would give it
     element: dict[str, Any] = {"vr": vr}
     values = _values(value, vr)
     if values:

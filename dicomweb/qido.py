@@ -16,7 +16,7 @@ from storage import Archive, Query
 from storage.attributes import ATTRIBUTES, BY_KEYWORD, LEVEL_RANK
 
 from .auth import requires
-from .dicom_json import resolve_attribute, safe_element_json, tag_key, value_element
+from .dicom_json import json_vr, resolve_attribute, safe_element_json, tag_key, vr_value_element
 from .rs_common import (
     archive_of, base_url, dicom_json_response, encode_json, not_acceptable, organizations, parse_accept, path_uid,
     resource_url, run_blocking,
@@ -106,7 +106,8 @@ def _answer(archive: Archive, query: Query, base: str, level: str,
     assert query.limit is not None
     matches = list(archive.find(query))
     page = matches[: query.limit - 1]
-    body = [_result_json(base, level, values, requested) for values in page]
+    vrs: dict[str, tuple[str, str]] = {}  # keyword -> (tag key, VR), worked out once per query
+    body = [_result_json(base, level, values, requested, vrs) for values in page]
     return encode_json(body), len(page), len(matches) > len(page)
 
 
@@ -201,7 +202,10 @@ def _boolean(params: MultiMapping[str], name: str) -> bool:
     return raw == "true"
 
 
-def _result_json(base: str, level: str, values: dict[str, Any], requested: tuple[str, ...]) -> dict:
+def _result_json(base: str, level: str, values: dict[str, Any], requested: tuple[str, ...],
+                 vrs: dict[str, tuple[str, str]] | None = None) -> dict:
+    if vrs is None:
+        vrs = {}
     out: dict[str, Any] = {"00080005": {"vr": "CS", "Value": ["ISO_IR 192"]}}
     for keyword in requested:
         if keyword not in values:
@@ -212,7 +216,10 @@ def _result_json(base: str, level: str, values: dict[str, Any], requested: tuple
                                     values["SOPInstanceUID"])
             out[tag_key(value.tag)] = safe_element_json(value, lambda path: f"{instance}/bulkdata/{path}")
         else:
-            out[tag_key(tag_for_keyword(keyword))] = value_element(keyword, value)
+            known = vrs.get(keyword)
+            if known is None:
+                known = vrs[keyword] = (tag_key(tag_for_keyword(keyword)), json_vr(keyword))
+            out[known[0]] = vr_value_element(known[1], value)
     out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}  # InstanceAvailability
     out["00081190"] = {"vr": "UR", "Value": [_retrieve_url(base, level, values)]}
     return dict(sorted(out.items()))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, Callable, Iterable, TypeVar
 
+import orjson
 from aiohttp import web
 
 from storage import Archive, StoredInstance
@@ -41,7 +42,12 @@ def dicom_json_response(body: object, status: int = 200, headers: dict[str, str]
 
 
 def encode_json(body: object) -> bytes:
-    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    """UTF-8 JSON (orjson: compact, several times faster than ``json``); what orjson
+    cannot encode (integers beyond 64 bits) goes through ``json``."""
+    try:
+        return orjson.dumps(body)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
 def archive_of(request: web.Request) -> Archive:

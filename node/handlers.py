@@ -23,7 +23,7 @@ from storage import Archive, ArchiveError, Query, Source
 from storage.identity import AuditEntry
 from storage.attributes import UNIQUE_KEY
 
-from .datasets import identifier_keys, response_dataset
+from .datasets import ResponseBuilder, identifier_keys
 from .statuses import FIND_STATUS, RETRIEVE_STATUS, STORE_STATUS, status_for
 
 log = logging.getLogger("dicomnode.node")
@@ -210,9 +210,10 @@ def handle_find(event: Event, ctx: NodeContext) -> Iterator[tuple[int, Dataset |
         query = Query(level, keys, root=root, organizations=(peer.organization,))
         cancelled = CancelLatch(event)
         matches = ctx.archive.find(query, is_cancelled=cancelled)
+        responses = ResponseBuilder(level, identifier, ctx.settings.ae.title)
         count = 0
         for values in matches:
-            yield 0xFF00, response_dataset(values, level, identifier, ctx.settings.ae.title)
+            yield 0xFF00, responses.build(values)
             count += 1
         if cancelled():
             log.info("C-FIND from %s@%s cancelled after %d match(es)", peer.calling_ae, peer.address, count)

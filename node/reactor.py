@@ -22,6 +22,7 @@ sub-operations) are pynetdicom's own.
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import select
@@ -32,13 +33,19 @@ from copy import deepcopy
 from datetime import datetime
 
 from pynetdicom import evt
+from pynetdicom._handlers import standard_dimse_sent_handler
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, C_FIND_RSP, DIMSEMessage
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+_PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 POLL_S = 0.005  # longest wait before timers and flags are looked at again
 
 
@@ -62,10 +69,17 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # True only while the DUL thread is (about to be) blocked in select(): a put
+        # writes to the pipe only then, not for every PDU of a stream of C-FIND
+        # responses (each write a syscall and a GIL hand-over to a thread that is busy
+        # anyway and would find the item on its next pass).
+        self._sleeping = False
         self.event_queue = _WakingQueue(self._wakeup)
         self.to_provider_queue = _WakingQueue(self._wakeup)
 
     def _wakeup(self) -> None:
+        if not self._sleeping:
+            return
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):
@@ -73,6 +87,16 @@ class EventDrivenDUL(DULServiceProvider):
 
     def _wait(self) -> None:
         """Until the socket is readable, a queue was fed, or ``POLL_S`` passed."""
+        self._sleeping = True
+        try:
+            # a put between the loop's last look and the flag did not signal: look again
+            if self.to_provider_queue.qsize() or self.event_queue.qsize():
+                return
+            self._select()
+        finally:
+            self._sleeping = False
+
+    def _select(self) -> None:
         sock = getattr(self.socket, "socket", None)
         if isinstance(sock, ssl.SSLSocket):
             select.select([self._wake_r], [], [], 0.001)  # TLS may buffer: keep polling
@@ -144,9 +168,64 @@ class EventDrivenDUL(DULServiceProvider):
         self._kill_thread = True
 
 
+_FIND_RSP_FIELDS = tuple(_COMMAND_SET_KEYWORDS["C-FIND-RSP"])
+_PENDING = (0xFF00, 0xFF01)
+
+
 class EventDrivenDIMSE(DIMSEServiceProvider):
     """A non-blocking look for a DIMSE message (the association reactor's) waits up
-    to ``POLL_S`` for one, so a request is served as soon as it is decoded."""
+    to ``POLL_S`` for one, so a request is served as soon as it is decoded.
+
+    Pending C-FIND responses reuse their encoded command set: all the pending
+    responses to one request have the same one, and pynetdicom builds a command set
+    data set and encodes it twice per message (most of its per-result cost). The P-DATA
+    primitives sent are those ``DIMSEMessage.encode_msg`` yields, built from the first
+    response's command set as pynetdicom encoded it. Only while nothing but the quiet
+    standard log handler listens to ``EVT_DIMSE_SENT`` (and its DEBUG log is off)."""
+
+    _find_commands: dict[tuple, bytes]
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if (
+            type(primitive) is C_FIND
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status in _PENDING
+            and primitive.Identifier is not None
+            and getattr(primitive, "_dataset_path", None) is None
+            and self._only_quiet_listeners()
+        ):
+            data = primitive.Identifier.getvalue()
+            if data:
+                self._send_find_pending(primitive, context_id, data)
+                return
+        super().send_msg(primitive, context_id)
+
+    def _only_quiet_listeners(self) -> bool:
+        if _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG):
+            return False
+        return all(h is quiet_dimse_sent_handler for h, _ in self.assoc.get_handlers(evt.EVT_DIMSE_SENT))
+
+    def _send_find_pending(self, primitive: Any, context_id: int, data: bytes) -> None:
+        cache = self.__dict__.setdefault("_find_commands", {})
+        key = (context_id, *(getattr(primitive, name, None) for name in _FIND_RSP_FIELDS if name != "Identifier"))
+        command = cache.get(key)
+        if command is None:
+            message = C_FIND_RSP()
+            message.primitive_to_message(primitive)
+            command = encode(message.command_set, True, True)
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = command
+        max_pdu = self.maximum_pdu_size
+        for value, header in ((command, 0x01), (data, 0x00)):
+            fragments = list(DIMSEMessage._generate_pdv_fragments(value, max_pdu))
+            last = len(fragments) - 1
+            for n, fragment in enumerate(fragments):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append(
+                    (context_id, bytes((header | (0x02 if n == last else 0x00),)) + fragment)
+                )
+                self.dul.send_pdu(pdata)
 
     def get_msg(self, block: bool = False) -> Any:
         if block:
@@ -157,6 +236,15 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
             return None, None
 
 
+def quiet_dimse_sent_handler(event: Any) -> list[str]:
+    """pynetdicom's standard ``EVT_DIMSE_SENT`` log handler, except for C-FIND
+    responses while its DEBUG log is off: for those it only formats DEBUG lines (eight
+    strings per result, whatever the log level)."""
+    if type(event.message) is C_FIND_RSP and not _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG):
+        return []
+    return standard_dimse_sent_handler(event)
+
+
 class EventDrivenAssociation(Association):
     """An acceptor association whose threads wait on events, not on sleeps."""
 
@@ -164,6 +252,15 @@ class EventDrivenAssociation(Association):
         super().__init__(ae, mode)
         self.dul = EventDrivenDUL(self)
         self.dimse = EventDrivenDIMSE(self)
+        self.quiet_find_logging()
+
+    def quiet_find_logging(self) -> None:
+        """Swap pynetdicom's standard EVT_DIMSE_SENT log handler for
+        :func:`quiet_dimse_sent_handler` (again after the server's handlers are bound)."""
+        if any(h is standard_dimse_sent_handler for h, _ in self.get_handlers(evt.EVT_DIMSE_SENT)):
+            self.unbind(evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)
+            if not any(h is quiet_dimse_sent_handler for h, _ in self.get_handlers(evt.EVT_DIMSE_SENT)):
+                self.bind(evt.EVT_DIMSE_SENT, quiet_dimse_sent_handler)
         # the timeouts live partly in the DUL's timers: apply them to the new one
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
@@ -192,4 +289,5 @@ class EventDrivenRequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler in handlers:
                     assoc.bind(event, handler[0], handler[1])
+        assoc.quiet_find_logging()
         return assoc

@@ -23,6 +23,7 @@ from storage import Archive
 
 from . import handlers as h
 from . import worklist as wl
+from .datasets import install_identifier_encoder
 from .reactor import EventDrivenRequestHandler
 
 log = logging.getLogger("dicomnode.node")
@@ -119,6 +120,11 @@ def build_ae(settings: Settings) -> AE:
     # archive takes over (no bytes object of the whole dataset, no copy). pynetdicom's
     # documented switch; it is process-wide, and the store handler accepts both ways.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom formats every C-FIND response identifier (pretty_dataset) to log it at
+    # DEBUG, whatever the log level: about a third of its per-response cost. Only
+    # when its debug log is on.
+    _config.LOG_RESPONSE_IDENTIFIERS = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+    install_identifier_encoder()
     ae = AE(ae_title=settings.ae.title)
     ae.maximum_associations = settings.ae.max_associations
     ae.maximum_pdu_size = settings.ae.max_pdu_size

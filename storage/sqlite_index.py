@@ -408,8 +408,12 @@ class SQLiteIndex:
     def query(self, compiled: CompiledQuery) -> Iterator[tuple]:
         cursor = self.reader().execute(compiled.sql, compiled.params)
         try:
-            for row in cursor:
-                yield row[1:]
+            # Rows in batches: each sqlite step releases the GIL, and stepping one row
+            # per result while the DIMSE sender thread is busy made every C-FIND result
+            # wait to get the GIL back.
+            while rows := cursor.fetchmany(256):
+                for row in rows:
+                    yield row[1:]
         finally:
             cursor.close()
 
