@@ -292,7 +292,10 @@ def validators(archive: Archive, stored: list[StoredInstance], variant: str = ""
     newest = 0.0
     for item in stored:
         path = archive.instance_path(item)
-        mtime = path.stat().st_mtime if path is not None and path.exists() else 0.0
+        try:
+            mtime = os.stat(path).st_mtime if path is not None else 0.0
+        except FileNotFoundError:
+            mtime = 0.0
         newest = max(newest, mtime)
         digest.update(f"{item.sop_instance_uid}:{item.blob_key}:{item.size}:{mtime}\n".encode())
     headers = {"ETag": f'"{digest.hexdigest()[:32]}"'}

@@ -3,10 +3,12 @@
 data; and DELETE of a study, series or instance (admin only)."""
 from __future__ import annotations
 
-from typing import Callable
+import json
 
+import orjson
 import pydicom
 from aiohttp import web
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import Archive, NotFound, StoredInstance
@@ -14,8 +16,8 @@ from storage import Archive, NotFound, StoredInstance
 from .auth import requires
 from .dicom_json import dataset_json, find_element
 from .rs_common import (
-    MediaRange, MultipartStream, archive_of, dicom_json_response, encode_json, instance_url, not_acceptable,
-    not_modified, organizations, parse_accept, path_uid, run_blocking, send_file, validators,
+    MediaRange, MultipartStream, archive_of, base_url, dicom_json_response, instance_url, not_acceptable,
+    not_modified, organizations, parse_accept, path_uid, resource_url, run_blocking, send_file, validators,
 )
 from .transfer import (
     ANY, FRAME_MEDIA_TYPE, OCTET_STREAM, TooLargeToTranscode, can_decode, check_transcodable, output_syntax,
@@ -147,23 +149,43 @@ async def metadata(request: web.Request) -> web.Response:
     headers = await run_blocking(request, validators, archive, stored, "metadata")
     if not_modified(request, headers):
         return web.Response(status=304, headers=headers)
-    urls = {s.sop_instance_uid: instance_url(request, s.study_uid, s.series_uid, s.sop_instance_uid) for s in stored}
-    body = await run_blocking(request, _metadata, archive, stored, urls)
+    body = await run_blocking(request, _metadata, archive, stored, base_url(request))
     return dicom_json_response(body, headers=headers)
 
 
-def _metadata(archive: Archive, stored: list[StoredInstance], urls: dict[str, str]) -> bytes:
-    out = []
+# The DICOM JSON of one instance is cached (storage keeps it per blob) with each
+# BulkDataURI relative to the instance (``7FE00010``, ``00400275/0/00081032``): the
+# absolute URL depends on how the client addressed us (Host, X-Forwarded-*), so it is
+# filled in per request. Bump the version whenever _instance_json's output changes.
+METADATA_CACHE_VERSION = "wado-metadata-1"
+_BULK = b'"BulkDataURI":"'
+
+
+def _metadata(archive: Archive, stored: list[StoredInstance], base: str) -> bytes:
+    """The JSON array of the instances' metadata: cached fragments joined (bytes)."""
+    parts = []
     for item in stored:
-        url = urls[item.sop_instance_uid]
-        ds = archive.read_dataset(item, stop_before_pixels=True)
-        bulk_uri: Callable[[str], str] = lambda path, url=url: f"{url}/bulkdata/{path}"  # noqa: E731
-        body = dataset_json(ds, bulk_uri)
-        if "Rows" in ds and "Columns" in ds:
-            packed = pydicom.uid.UID(item.transfer_syntax_uid).is_compressed or int(ds.get("BitsAllocated", 8)) <= 8
-            body["7FE00010"] = {"vr": "OB" if packed else "OW", "BulkDataURI": bulk_uri("7FE00010")}
-        out.append(dict(sorted(body.items())))
-    return encode_json(out)
+        fragment = archive.instance_metadata(item, METADATA_CACHE_VERSION, _instance_json)
+        if _BULK in fragment:
+            url = resource_url(base, item.study_uid, item.series_uid, item.sop_instance_uid) + "/bulkdata/"
+            fragment = fragment.replace(_BULK, _BULK + orjson.dumps(url)[1:-1])
+        parts.append(fragment)
+    return b"[" + b",".join(parts) + b"]"
+
+
+def _instance_json(item: StoredInstance, ds: Dataset) -> bytes:
+    """One instance's DICOM JSON object, BulkDataURIs relative to the instance. JSON
+    without whitespace, so that ``"BulkDataURI":"`` finds exactly those values (inside a
+    JSON string every quote is escaped: the pattern can only be a member name)."""
+    body = dataset_json(ds, str)
+    if "Rows" in ds and "Columns" in ds:
+        packed = pydicom.uid.UID(item.transfer_syntax_uid).is_compressed or int(ds.get("BitsAllocated", 8)) <= 8
+        body[PIXEL_DATA] = {"vr": "OB" if packed else "OW", "BulkDataURI": PIXEL_DATA}
+    body = dict(sorted(body.items()))
+    try:
+        return orjson.dumps(body)
+    except (orjson.JSONEncodeError, TypeError):  # integers beyond 64 bits
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 # --------------------------------------------------------------------------- frames

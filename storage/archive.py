@@ -34,6 +34,7 @@ from .errors import (
 )
 from .events import EventBus, InstanceStored, StudyStable
 from .identity import IdentityStore
+from .metadata_cache import MetadataCache, stamp_of
 from .metrics import Metrics
 from .query import Query, compile_query, row_to_values
 from .schema import MIGRATION_SETS
@@ -95,6 +96,7 @@ class Archive:
         self.stable_after_s = stable_after_s
         self.blobs: BlobStore = blobs or FileBlobStore(self.root / "blobs")
         self.index = index or SQLiteIndex(self.root / "index.sqlite", MIGRATION_SETS)
+        self.metadata_cache = MetadataCache(self.root / "cache" / "metadata")
         self.identity = IdentityStore(self.index)
         self.events = EventBus()
         self.metrics = metrics or Metrics()
@@ -109,6 +111,7 @@ class Archive:
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
+        self.metadata_cache.close()
         self.index.close()
         close_blobs = getattr(self.blobs, "close", None)
         if close_blobs is not None:
@@ -149,10 +152,11 @@ class Archive:
         for pk, key, action in self.index.journal_entries():
             if action == "delete":
                 if self.index.instance_by_blob(key) is None:
-                    self.blobs.delete(key)
+                    self._delete_blob(key)
                     report["deleted"] += 1
             elif self.blobs.exists(key):
                 # The file reached its place; make the index describe exactly that file.
+                self.metadata_cache.remove(key)
                 try:
                     with self.blobs.open(key) as fh:
                         ds, tsuid = _parse(fh, os.fstat(fh.fileno()).st_size)
@@ -163,10 +167,11 @@ class Archive:
                 except Exception as exc:
                     if self.index.instance_by_blob(key) is None:  # never a file a row describes
                         log.warning("repair: dropping unreadable blob %s: %s", key, exc)
-                        self.blobs.delete(key)
+                        self._delete_blob(key)
                         report["dropped"] += 1
             elif self.index.instance_by_blob(key) is not None:
                 # The row was committed but the file's rename did not survive.
+                self.metadata_cache.remove(key)
                 self.index.journal_remove(self.index.forget_blob(key))
                 report["dropped"] += 1
             done.append(pk)
@@ -328,9 +333,16 @@ class Archive:
     def _drop_obsolete(self, outcome: UpsertOutcome) -> None:
         """Delete the file a replacement made obsolete, then its journal row."""
         if outcome.obsolete_blob:
-            self.blobs.delete(outcome.obsolete_blob)
+            self._delete_blob(outcome.obsolete_blob)
             if outcome.obsolete_journal is not None:
                 self.index.journal_remove([outcome.obsolete_journal])
+
+    def _delete_blob(self, key: str) -> None:
+        """Delete a blob and what was derived from it (the derived data first: a crash
+        in between leaves a blob without cache entry, never an entry without blob)."""
+        self.metadata_cache.remove(key)
+        self.blobs.delete(key)
+
     def _commit_overlapped(self, temp: Path, key: str, record: InstanceRecord) -> Any:
         """Journal, file and index in the order ``commit`` + ``upsert`` use, with each
         fsync overlapped with an index commit instead of waiting behind it:
@@ -375,7 +387,7 @@ class Archive:
         """Undo one interrupted store: drop the blob unless a row describes it."""
         try:
             if self.index.instance_by_blob(key) is None:
-                self.blobs.delete(key)
+                self._delete_blob(key)
             self.index.journal_remove([journal_pk])
         except Exception:
             log.exception("could not undo interrupted store of %s; repair will on next start", key)
@@ -497,6 +509,31 @@ class Archive:
         with self.open_instance(stored) as fh:
             return pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels)
 
+    def instance_metadata(self, stored: StoredInstance, version: str,
+                          build: Callable[[StoredInstance, Dataset], bytes]) -> bytes:
+        """``build(stored, dataset)`` (the dataset read without pixel data), cached per
+        blob. ``version`` names the format ``build`` makes: bump it when that changes.
+        The entry is used only while the blob is the very file it was made from (size,
+        mtime, inode) and its check passes; otherwise it is rebuilt and rewritten."""
+        key = stored.blob_key
+        path = self.blobs.local_path(key)
+        if path is None:  # not a local file store: nothing to tell a stale entry by
+            return build(stored, self.read_dataset(stored, stop_before_pixels=True))
+        try:
+            cached = self.metadata_cache.read(key, stamp_of(version, os.stat(path)))
+        except FileNotFoundError:
+            cached = None  # open_instance below says NotFound
+        if cached is not None:
+            return cached
+        with self.open_instance(stored) as fh:
+            stamp = stamp_of(version, os.fstat(fh.fileno()))
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        body = build(stored, ds)
+        # written in the background; removed again if the blob was deleted or replaced
+        # while we built it, so that no entry outlives its file
+        self.metadata_cache.write_later(key, stamp, body, lambda: stamp_of(version, os.stat(path)) == stamp)
+        return body
+
     # ------------------------------------------------------------------ delete
     def delete(
         self,
@@ -508,7 +545,7 @@ class Archive:
         """Delete a study, series or instance: rows first (journalled), then files."""
         keys, journal = self.index.delete(study_uid, series_uid, sop_instance_uid, organizations)
         for key in keys:
-            self.blobs.delete(key)
+            self._delete_blob(key)
         self.index.journal_remove(journal)
         log.info("deleted %d instance(s) of study %s", len(keys), study_uid)
         return len(keys)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -15,6 +16,11 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
 from .errors import StorageFailure
+
+# Keys as the archive makes them (``study/series/sop.dcm``): segments of safe characters,
+# none starting with a dot (so no ``..``, no hidden names), never absolute. Such a key
+# cannot leave the root, and needs no ``resolve()`` (an lstat per path component).
+PLAIN_KEY = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z_.-]*(?:/[0-9A-Za-z_-][0-9A-Za-z_.-]*)*")
 
 
 class BlobStore(Protocol):
@@ -67,6 +73,8 @@ class FileBlobStore:
         self._lock_fd = None
 
     def _path(self, key: str) -> Path:
+        if PLAIN_KEY.fullmatch(key):
+            return self.root / key
         path = (self.root / key).resolve()
         if self.root not in path.parents:
             raise StorageFailure(f"blob key {key!r} points outside the archive")
