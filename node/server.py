@@ -110,8 +110,13 @@ class DicomNode:
                 break
             time.sleep(0.05)
         for assoc in server.active_associations:
-            log.warning("aborting association with %s still open at shutdown", assoc.requestor.ae_title)
-            assoc.abort()
+            if assoc.is_established:
+                log.warning("aborting association with %s still open at shutdown", assoc.requestor.ae_title)
+                assoc.abort()
+            elif assoc.dul.socket is not None:
+                # never associated: an A-ABORT is not valid before the request (pynetdicom
+                # raises InvalidEventError); closing the connection ends it cleanly
+                assoc.dul.socket.close()
         log.info("DIMSE node stopped")
 
 
