@@ -38,6 +38,21 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[k]
 
 
+def _timed_parallel(work: Callable[[Any], None], shares: list, timeout: float, errors: list[str],
+                    what: str) -> float:
+    """Run ``work`` on each non-empty share in its own thread; wall seconds for all."""
+    threads = [threading.Thread(target=work, args=(share,)) for share in shares if share]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{what} failed: {errors[0]}")
+    return elapsed
+
+
 # ---------------------------------------------------------------- DIMSE
 
 
@@ -57,16 +72,7 @@ def cstore(server: Server, files: list[Path], associations: int, timeout: float 
             if proc.returncode != 0:
                 errors.append(proc.stderr[-500:])
 
-    threads = [threading.Thread(target=send, args=(p,)) for p in parts if p]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise RuntimeError(f"storescu to {server.name} failed: {errors[0]}")
-    return elapsed
+    return _timed_parallel(send, parts, timeout, errors, f"storescu to {server.name}")
 
 
 class FindSession:
@@ -229,16 +235,7 @@ def stow(server: Server, files: list[Path], clients: int, per_request: int = 50,
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=post, args=(q,)) for q in queues if q]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise RuntimeError(f"STOW to {server.name} failed: {errors[0]}")
-    return elapsed
+    return _timed_parallel(post, queues, timeout, errors, f"STOW to {server.name}")
 
 
 def peak_rss_during(pid: int, work: Callable[[], object], interval: float = 0.02) -> tuple[float, object]:

@@ -154,6 +154,10 @@ class Bench:
                 elif target not in self.study0:
                     self.study0[target] = written.study_uids[0]
             self.drop(written)
+        self.rate_figures(name, runs, nbytes)
+
+    def rate_figures(self, name: str, runs: dict[str, list[float]], nbytes: int) -> None:
+        """Instances/s and MB/s of the median run of each target."""
         n = self.plan.instances
         for target, secs in runs.items():
             m = median(secs)
@@ -175,11 +179,7 @@ class Bench:
             for target in self.order(r, targets):
                 runs[target].append(stow(self.servers[target], written.files, clients))
             self.drop(written)
-        n = self.plan.instances
-        for target, secs in runs.items():
-            m = median(secs)
-            self.fig(name, target, {"instances_per_s": n / m, "mb_per_s": nbytes / 1e6 / m, "runs_s": secs})
-            self.log(f"  {name:<22} {target:<10} {n / m:8.1f} inst/s {nbytes / 1e6 / m:7.1f} MB/s")
+        self.rate_figures(name, runs, nbytes)
 
     def cmove_figures(self) -> None:
         dest = self.servers["storescp"]

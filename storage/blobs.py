@@ -98,16 +98,13 @@ class FileBlobStore:
 
     def commit(self, temp_path: Path, key: str) -> int:
         """Move a fully written temp file to ``key`` atomically; returns its size."""
-        final = self._path(key)
+        self.sync_temp(temp_path)
         try:
-            with open(temp_path, "rb+") as fh:
-                os.fsync(fh.fileno())
             size = os.path.getsize(temp_path)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp_path, final)
-            _fsync_dir(final.parent)
         except OSError as exc:
             raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
+        self.place(temp_path, key)
+        self.sync_place(key)
         return size
 
     # The three steps of ``commit``, for a caller that overlaps the fsyncs with other
