@@ -9,6 +9,7 @@ The schema changes only through the migrations at the bottom of this module.
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import sqlite3
@@ -25,6 +26,8 @@ from sqlite_utils.migrations import Migrations
 from .attributes import COLUMNS_BY_LEVEL, FOLDED
 from .errors import Conflict, NotFound, StorageFailure
 from .query import CompiledQuery
+
+log = logging.getLogger("dicomnode.index")
 
 T = TypeVar("T")
 
@@ -233,7 +236,14 @@ class _Writer(threading.Thread):
                     stop = True
                     break
                 batch.append(more)
-            self._run_batch(conn, batch)
+            try:
+                self._run_batch(conn, batch)
+            except BaseException as exc:  # the writer must outlive any one batch
+                log.exception("index writer: batch failed")
+                _rollback_quietly(conn)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(StorageFailure(f"index write failed: {exc}"))
             if stop:
                 break
         self._run_batch(conn, [])  # the finished journal rows still waiting
@@ -252,11 +262,17 @@ class _Writer(threading.Thread):
             self._give_back(finished)
             return
         if finished:
-            conn.executemany("DELETE FROM journal WHERE pk = ?", [(pk,) for pk in finished])
+            _delete_journal_rows(conn, finished)
         for fn, fut in batch:
             conn.execute("SAVEPOINT job")
             try:
                 value = fn(conn)
+                if isinstance(value, sqlite3.Cursor):
+                    # A cursor must not leave this thread: its statement is shared
+                    # through the connection's cache, and resetting it from another
+                    # thread while this one steps it is SQLITE_MISUSE.
+                    value.close()
+                    value = None
             except BaseException as exc:
                 conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
@@ -285,6 +301,14 @@ class _Writer(threading.Thread):
     def _give_back(self, pks: list[int]) -> None:
         with self._finished_lock:
             self.finished_journal[:0] = pks
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
 
 
 def _owner_only(path: Path) -> None:
@@ -377,7 +401,7 @@ class SQLiteIndex:
 
     def journal_remove(self, pks: list[int]) -> None:
         if pks:
-            self.write(lambda c: c.executemany("DELETE FROM journal WHERE pk = ?", [(pk,) for pk in pks]))
+            self.write(lambda c: _delete_journal_rows(c, pks))
 
     def journal_entries(self) -> list[tuple[int, str, str]]:
         return self.reader().execute("SELECT pk, blob_key, action FROM journal ORDER BY pk").fetchall()
@@ -500,6 +524,10 @@ class SQLiteIndex:
 
 
 # --------------------------------------------------------------------------- writer jobs
+
+
+def _delete_journal_rows(conn: sqlite3.Connection, pks: list[int]) -> None:
+    conn.executemany("DELETE FROM journal WHERE pk = ?", [(pk,) for pk in pks])
 
 
 def _level_values(values: dict[str, Any]) -> dict[str, Any]:

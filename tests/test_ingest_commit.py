@@ -143,3 +143,67 @@ def test_storescu_dataset_arrives_through_the_chunked_file(node, monkeypatch):
     dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path), check=True)
     assert node.archive.instances(sop_instance_uids=(ds.SOPInstanceUID,))
     assert [p for p in (node.data_dir / "blobs" / ".tmp").rglob("*") if p.is_file()] == []
+
+
+def test_an_index_job_never_hands_its_cursor_to_another_thread(tmp_path):
+    # A cursor returned across threads shares its cached statement with the writer;
+    # resetting it there while the writer steps it kills the writer (SQLITE_MISUSE).
+    archive = Archive(tmp_path / "a")
+    try:
+        assert archive.index.write(lambda c: c.execute("SELECT 1")) is None
+    finally:
+        archive.close()
+
+
+def test_parallel_resends_keep_the_index_writer_alive(tmp_path):
+    import threading
+
+    archive = Archive(tmp_path / "a")
+    try:
+        datasets = corpus.ct_series(24)
+        payloads = [_bytes(ds) for ds in datasets]
+        errors: list[BaseException] = []
+
+        def resend(mine: list[bytes]) -> None:
+            try:
+                for _ in range(3):
+                    for payload in mine:
+                        archive.store_bytes(payload, Source("test"))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=resend, args=(payloads[i::4],)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert errors == []
+        assert archive.index._writer.is_alive()
+        assert archive.counts()["instances"] == 24
+    finally:
+        archive.close()
+
+
+def test_the_index_writer_outlives_a_failed_batch(tmp_path, monkeypatch):
+    from storage import sqlite_index
+
+    archive = Archive(tmp_path / "a")
+    try:
+        first, second = corpus.ct_series(2)
+        archive.store_bytes(_bytes(first), Source("test"))  # leaves a finished journal row
+        calls = []
+
+        def broken_once(conn, pks):
+            calls.append(pks)
+            if len(calls) == 1:
+                raise sqlite_index.sqlite3.InterfaceError("bad parameter or other API misuse")
+            conn.executemany("DELETE FROM journal WHERE pk = ?", [(pk,) for pk in pks])
+
+        monkeypatch.setattr(sqlite_index, "_delete_journal_rows", broken_once)
+        with pytest.raises(StorageFailure):
+            archive.store_bytes(_bytes(second), Source("test"))
+        assert archive.index._writer.is_alive()
+        archive.store_bytes(_bytes(second), Source("test"))
+        assert archive.counts()["instances"] == 2
+    finally:
+        archive.close()
