@@ -20,6 +20,7 @@ from pynetdicom.sop_class import Verification
 
 from config import Settings
 from storage import Archive, ArchiveError, Query, Source
+from storage.errors import StorageFailure
 from storage.identity import AuditEntry
 from storage.attributes import UNIQUE_KEY
 
@@ -184,6 +185,10 @@ def handle_store(event: Event, ctx: NodeContext) -> int:
         # The file meta pynetdicom prepends carries the command's SOP Class and Instance
         # UIDs; the archive refuses a dataset that disagrees with them.
         received = getattr(event.request, "_dataset_path", None)  # = event.dataset_path when set
+        failure = getattr(event.request, "_dicomnode_receive_error", None)
+        if failure is not None:
+            # the dataset could not be written as it arrived (node/store_receipt.py)
+            raise StorageFailure(f"could not receive the dataset: {failure.strerror or failure}")
         if isinstance(received, Path):
             # STORE_RECV_CHUNKED_DATASET (node/server.py): pynetdicom wrote the dataset
             # to a file as it arrived; the archive takes that file over.

@@ -37,13 +37,16 @@ from pynetdicom._handlers import standard_dimse_sent_handler
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, C_FIND_RSP, DIMSEMessage
-from pynetdicom.dimse_primitives import C_FIND
-from pynetdicom.dsutils import encode
+from pynetdicom._handlers import standard_dimse_recv_handler
+from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, C_FIND_RSP, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from .store_receipt import StoreReceipt, read_command_fields, store_rsp_command
 
 _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 POLL_S = 0.005  # longest wait before timers and flags are looked at again
@@ -184,8 +187,105 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
     standard log handler listens to ``EVT_DIMSE_SENT`` (and its DEBUG log is off)."""
 
     _find_commands: dict[tuple, bytes]
+    _receipt: StoreReceipt | None = None
 
+    # -- receiving: C-STORE-RQ datasets straight into the archive's temp folder
+    def receive_primitive(self, primitive: Any) -> None:
+        receipt = self._receipt
+        if receipt is not None:
+            self._continue_receipt(primitive, receipt)
+            return
+        if self.message is None:
+            folder = getattr(self.assoc.ae, "dicomnode_receive_folder", None)
+            pdvs = primitive.presentation_data_value_list
+            if folder is not None and len(pdvs) == 1:
+                context_id, data = pdvs[0]
+                if data and data[0] & 0x03 == 0x03 and self._start_receipt(folder, context_id, data):
+                    return
+        super().receive_primitive(primitive)
+
+    def _start_receipt(self, folder: Any, context_id: int, data: bytes) -> bool:
+        """A complete command set in one fragment: when it is a C-STORE-RQ with a
+        dataset, start receiving that dataset into ``folder``; else leave it to pynetdicom."""
+        command = memoryview(data)[1:]
+        fields = read_command_fields(command)
+        if fields is None or fields.get(0x0100) != b"\x01\x00" or fields.get(0x0800) == b"\x01\x01":
+            return False
+        cx = self.assoc._accepted_cx.get(context_id)
+        if cx is None:
+            return False  # pynetdicom reports that
+        message = DIMSEMessage()
+        message.encoded_command_set.write(command)
+        message.context_id = context_id
+        message.command_set = decode(message.encoded_command_set, True, True)
+        message.__class__ = C_STORE_RQ
+        cs = message.command_set
+        try:
+            receipt = StoreReceipt(folder, cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID, cx.transfer_syntax[0])
+        except OSError:
+            return False  # no file there (a full disk, say): pynetdicom's own way
+        message._data_set_file = receipt.file  # type: ignore[assignment]
+        message._data_set_path = receipt.file.path
+        self.message, self._receipt = message, receipt
+        return True
+
+    def _continue_receipt(self, primitive: Any, receipt: StoreReceipt) -> None:
+        for _, data in primitive.presentation_data_value_list:
+            header = data[0]
+            if header & 0x01:
+                # a command fragment inside a dataset: the peer broke PS3.8 E.2
+                receipt.file.close()
+                receipt.file._discard()
+                self.message, self._receipt = None, None
+                logging.getLogger("pynetdicom.dimse").error("Received an invalid DIMSE message")
+                self.dul.event_queue.put("Evt19")
+                return
+            receipt.add(memoryview(data)[1:])
+            if header & 0x02:
+                self._finish_receipt(receipt)
+                return
+
+    def _finish_receipt(self, receipt: StoreReceipt) -> None:
+        message = self.message
+        self.message, self._receipt = None, None
+        receipt.file.finish()
+        if self._recv_listeners():
+            evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
+        try:
+            request = message.message_to_primitive()
+        except Exception:
+            logging.getLogger("pynetdicom.dimse").exception("Received an invalid DIMSE message")
+            receipt.file._discard()
+            self.dul.event_queue.put("Evt19")
+            return
+        if receipt.file.error is not None:
+            request._dicomnode_receive_error = receipt.file.error  # handle_store answers 0xA700
+        self.msg_queue.put((message.context_id, request))
+
+    def _recv_listeners(self) -> bool:
+        """Whether ``EVT_DIMSE_RECV`` has a listener that does anything: pynetdicom's
+        standard handler only formats log lines (INFO and DEBUG) for a C-STORE-RQ."""
+        if _PYNETDICOM_LOG.isEnabledFor(logging.INFO):
+            return True
+        return any(h is not standard_dimse_recv_handler for h, _ in self.assoc.get_handlers(evt.EVT_DIMSE_RECV))
+
+    # -- sending
     def send_msg(self, primitive: Any, context_id: int) -> None:
+        if (
+            type(primitive) is C_STORE
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and getattr(primitive, "ErrorID", None) is None
+            and primitive.Status is not None
+            and self._only_quiet_listeners()
+        ):
+            command = store_rsp_command(
+                primitive.MessageIDBeingRespondedTo, primitive.Status,
+                primitive.AffectedSOPClassUID or "", primitive.AffectedSOPInstanceUID or "",
+            )
+            self._send_fragments(context_id, ((command, 0x01),))
+            return
         if (
             type(primitive) is C_FIND
             and primitive.MessageIDBeingRespondedTo is not None
@@ -216,8 +316,11 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
             if len(cache) > 64:
                 cache.clear()
             cache[key] = command
+        self._send_fragments(context_id, ((command, 0x01), (data, 0x00)))
+
+    def _send_fragments(self, context_id: int, parts: tuple[tuple[bytes, int], ...]) -> None:
         max_pdu = self.maximum_pdu_size
-        for value, header in ((command, 0x01), (data, 0x00)):
+        for value, header in parts:
             fragments = list(DIMSEMessage._generate_pdv_fragments(value, max_pdu))
             last = len(fragments) - 1
             for n, fragment in enumerate(fragments):
@@ -240,7 +343,7 @@ def quiet_dimse_sent_handler(event: Any) -> list[str]:
     """pynetdicom's standard ``EVT_DIMSE_SENT`` log handler, except for C-FIND
     responses while its DEBUG log is off: for those it only formats DEBUG lines (eight
     strings per result, whatever the log level)."""
-    if type(event.message) is C_FIND_RSP and not _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG):
+    if type(event.message) in (C_FIND_RSP, C_STORE_RSP) and not _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG):
         return []
     return standard_dimse_sent_handler(event)
 

@@ -220,11 +220,19 @@ class Archive:
         """Store the file at ``path``, which the caller gives up (a file a receiver wrote,
         such as pynetdicom's chunked C-STORE dataset): moved into the archive's temp
         folder when on the same file system, else copied. Same ingest path."""
+        path = Path(path)
+        if path.parent == self.receive_folder():
+            return self.store_temp(path, source, expected_study)  # already in place
         adopt = getattr(self.blobs, "adopt_temp", None)
-        temp = adopt(Path(path)) if adopt is not None else None
+        temp = adopt(path) if adopt is not None else None
         if temp is None:
             return self.store_file(Path(path), source, expected_study)
         return self.store_temp(temp, source, expected_study)
+
+    def receive_folder(self) -> Path | None:
+        """Where a receiver may write a file it then gives to :meth:`store_received_file`
+        (taken over as it is), or ``None`` when this blob store has no such folder."""
+        return self.blobs.tmp if isinstance(self.blobs, FileBlobStore) else None
 
     def new_temp(self) -> tuple[BinaryIO, Path]:
         """A temp file inside the archive that a caller fills and hands to ``store_temp``."""

@@ -1,0 +1,113 @@
+"""C-STORE requests are received straight into the archive's temp folder, with the
+same bytes pynetdicom would write and send (node/store_receipt.py)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode
+from pydicom.filewriter import write_file_meta_info
+
+from node.store_receipt import file_meta_bytes, read_command_fields, store_rsp_command
+from tests import corpus
+from tests.conftest import dcmtk
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.mark.parametrize("instance_uid", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.1234567890123456789"])
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50"])
+def test_file_meta_is_what_pynetdicom_writes(instance_uid, syntax):
+    expected = io.BytesIO()
+    expected.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(expected, create_file_meta(sop_class_uid=CT, sop_instance_uid=instance_uid,
+                                                    transfer_syntax=syntax))
+    assert file_meta_bytes(CT, instance_uid, syntax) == expected.getvalue()
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC000, 0xB007])
+@pytest.mark.parametrize("instance_uid", ["1.2.3", "1.2.34"])
+def test_store_response_command_is_what_pynetdicom_encodes(status, instance_uid):
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = CT
+    rsp.AffectedSOPInstanceUID = instance_uid
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    assert store_rsp_command(7, status, CT, instance_uid) == encode(message.command_set, True, True)
+
+
+def test_command_fields_are_read_by_element_number():
+    command = store_rsp_command(9, 0x0000, CT, "1.2.3")
+    fields = read_command_fields(command)
+    assert fields[0x0100] == b"\x01\x80"  # C-STORE-RSP
+    assert fields[0x0120] == (9).to_bytes(2, "little")
+    assert read_command_fields(command[:-3]) is None  # cut inside a value
+    assert read_command_fields(b"\x08\x00" + command[2:]) is None  # not group 0000
+
+
+def test_received_dataset_is_written_to_the_archive_temp_folder_and_taken_over(node, tmp_path):
+    ds = corpus.ct_series(1)[0]
+    path = tmp_path / "one.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    seen = []
+    original = node.archive.store_temp
+
+    def spy(temp, *args, **kwargs):
+        seen.append(temp)
+        return original(temp, *args, **kwargs)
+
+    node.archive.store_temp = spy
+    try:
+        dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path), check=True)
+    finally:
+        del node.archive.store_temp
+    assert [p.parent for p in seen] == [node.archive.receive_folder()]
+    assert seen[0].name.endswith(".dcm.part")  # written there by node/store_receipt.py, not moved
+    [stored] = node.archive.instances(sop_instance_uids=(ds.SOPInstanceUID,))
+    written = node.archive.instance_path(stored).read_bytes()
+    sent = path.read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(sent[140:144], "little")
+    assert written[132 + 12 + int.from_bytes(written[140:144], "little"):] == sent[meta_end:]
+    assert [p for p in node.archive.receive_folder().rglob("*") if p.is_file()] == []
+
+
+def test_a_command_fragment_inside_a_dataset_aborts_and_keeps_nothing(node):
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import P_DATA
+
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(CT)
+    assoc = ae.associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        context_id = assoc.accepted_contexts[0].context_id
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = CT
+        request.AffectedSOPInstanceUID = "1.2.3.4"
+        request.Priority = 0
+        request.DataSet = io.BytesIO(b"\x08\x00\x16\x00\x02\x00\x00\x00AB")
+        from pynetdicom.dimse_messages import C_STORE_RQ
+
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        command = encode(message.command_set, True, True)
+        for value, header in ((command, 0x03), (b"\x08\x00\x16\x00", 0x00), (command, 0x03)):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, bytes((header,)) + value))
+            assoc.dul.send_pdu(pdata)
+        import time
+
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+    assert node.archive.counts()["instances"] == 0
+    assert [p for p in node.archive.receive_folder().rglob("*") if p.is_file()] == []
