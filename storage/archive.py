@@ -33,6 +33,7 @@ from .errors import (
     Conflict, InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass,
 )
 from .events import EventBus, InstanceStored, StudyStable
+from .flusher import FolderFlusher
 from .identity import IdentityStore
 from .metadata_cache import MetadataCache, stamp_of
 from .metrics import Metrics
@@ -105,12 +106,17 @@ class Archive:
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self.repair()
+        self.flusher: FolderFlusher | None = None
+        if isinstance(self.blobs, FileBlobStore):
+            self.flusher = FolderFlusher(self.blobs.sync_folders, self.index.journal_finished)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
+        if self.flusher is not None:
+            self.flusher.close()  # the last renames made durable, their journal rows let go
         self.metadata_cache.close()
         self.index.close()
         close_blobs = getattr(self.blobs, "close", None)
@@ -145,11 +151,15 @@ class Archive:
     def repair(self) -> dict[str, int]:
         """Finish or undo what a crash left half done: temp files, blobs being stored
         when the process died, blobs whose deletion was not completed."""
-        report = {"temp_removed": 0, "reindexed": 0, "dropped": 0, "deleted": 0}
-        if isinstance(self.blobs, FileBlobStore):
-            report["temp_removed"] = self.blobs.clear_temp()
+        report = {"temp_removed": 0, "renamed": 0, "reindexed": 0, "dropped": 0, "deleted": 0}
+        files = self.blobs if isinstance(self.blobs, FileBlobStore) else None
         done = []
-        for pk, key, action in self.index.journal_entries():
+        for pk, key, action, temp in self.index.journal_entries():
+            if temp and files is not None:
+                if files.temp_owner_alive(Path(temp)):
+                    continue  # a store in flight in another live process: its own to finish
+                if self._finish_rename(files, Path(temp), key):
+                    report["renamed"] += 1
             if action == "delete":
                 if self.index.instance_by_blob(key) is None:
                     self._delete_blob(key)
@@ -176,9 +186,26 @@ class Archive:
                 report["dropped"] += 1
             done.append(pk)
         self.index.journal_remove(done)
+        if files is not None:
+            # after the journal: a dead process's temp file may be what finishes a rename
+            report["temp_removed"] = files.clear_temp()
         if any(report.values()):
             log.info("archive repair: %s", report)
         return report
+
+    def _finish_rename(self, files: FileBlobStore, temp: Path, key: str) -> bool:
+        """Redo the rename of a store whose journal row names ``temp``, when a crash
+        lost it and ``temp`` holds a complete instance (its content was synced before the
+        row was committed, so a store that was acknowledged is always complete)."""
+        if files.exists(key) or not temp.is_file():
+            return False
+        try:
+            with open(temp, "rb") as fh:
+                _parse(fh, os.fstat(fh.fileno()).st_size)
+        except Exception:
+            return False  # never acknowledged: clear_temp removes it
+        files.sync_folders(files.place(temp, key))
+        return True
 
     def _size(self, key: str) -> int:
         path = self.blobs.local_path(key)
@@ -339,11 +366,14 @@ class Archive:
         return result
 
     def _drop_obsolete(self, outcome: UpsertOutcome) -> None:
-        """Delete the file a replacement made obsolete, then its journal row."""
+        """Delete the file a replacement made obsolete, once the row pointing at the
+        new file is on disk; then let its journal row go."""
         if outcome.obsolete_blob:
+            if outcome.obsolete_journal is not None:
+                self.index.journal_sync(outcome.obsolete_journal)
             self._delete_blob(outcome.obsolete_blob)
             if outcome.obsolete_journal is not None:
-                self.index.journal_remove([outcome.obsolete_journal])
+                self.index.journal_finished(outcome.obsolete_journal)
 
     def _delete_blob(self, key: str) -> None:
         """Delete a blob and what was derived from it (the derived data first: a crash
@@ -352,43 +382,36 @@ class Archive:
         self.blobs.delete(key)
 
     def _commit_overlapped(self, temp: Path, key: str, record: InstanceRecord) -> Any:
-        """Journal, file and index in the order ``commit`` + ``upsert`` use, with each
-        fsync overlapped with an index commit instead of waiting behind it:
+        """Journal, file and index with one wait for the disk before the acknowledgement:
 
-        1. journal row committed  ||  temp file fsynced
-        2. rename to ``key``
-        3. index row committed    ||  folder fsynced (the rename made durable)
+        1. in parallel: the journal row naming ``key`` and ``temp`` committed to disk,
+           the temp file's content synced, the temp folder synced (its name durable);
+        2. rename ``temp`` to ``key``; the index row committed, visible but not synced
+           (the durable journal row lets repair redo it);
+        3. acknowledged. The flusher syncs the folders of the rename later, in batches,
+           and then lets the journal row go (deleted with a later transaction).
 
-        Both halves of 3 finish before the caller acknowledges. The journal row stays
-        until then, so a crash in 3 leaves ``repair`` a row to check: it re-indexes the
-        file when the rename survived and drops the index row when it did not. The row
-        is deleted with the next index transaction, at no commit of its own."""
+        A crash after 1 leaves repair a row and a complete file, at ``key`` or at
+        ``temp``: it finishes the rename and re-indexes the file. A crash before 1 ends
+        leaves a row whose file is not at ``key``: dropped, with the temp file."""
         blobs = self.blobs
-        assert isinstance(blobs, FileBlobStore)
-        journal = self.index.journal_add_async(key, "store")
+        assert isinstance(blobs, FileBlobStore) and self.flusher is not None
+        journal = self.index.journal_add_async(key, "store", temp=str(temp))
         try:
             blobs.sync_temp(temp)
+            blobs.sync_temp_folder()
         except BaseException:
             if journal.exception() is None:
                 self.repair_entry(journal.result(), key)  # nothing was placed
             raise
         journal_pk = journal.result()  # raises (nothing placed yet) if the journal failed
-        outcome = None
         try:
-            blobs.place(temp, key)
-            upsert = self.index.upsert_instance_async(record)
-            try:
-                blobs.sync_place(key)
-            finally:
-                outcome = upsert.result()
+            folders = blobs.place(temp, key)
+            outcome = self.index.upsert_instance_async(record, durable=False).result()
         except BaseException:
-            if outcome is not None:
-                # The row is committed but the rename may not be durable: leave the
-                # journal row for repair on the next start; not acknowledged.
-                raise
             self.repair_entry(journal_pk, key)
             raise
-        self.index.journal_finished(journal_pk)
+        self.flusher.submit(folders, journal_pk)
         return outcome
 
     def repair_entry(self, journal_pk: int, key: str) -> None:

@@ -13,7 +13,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Iterable, Iterator, Protocol
 
 from .errors import StorageFailure
 
@@ -103,8 +103,7 @@ class FileBlobStore:
             size = os.path.getsize(temp_path)
         except OSError as exc:
             raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
-        self.place(temp_path, key)
-        self.sync_place(key)
+        self.sync_folders(self.place(temp_path, key))
         return size
 
     # The three steps of ``commit``, for a caller that overlaps the fsyncs with other
@@ -117,21 +116,57 @@ class FileBlobStore:
         except OSError as exc:
             raise StorageFailure(f"could not write {temp_path.name}: {exc.strerror or exc}") from exc
 
-    def place(self, temp_path: Path, key: str) -> None:
-        """Rename a synced temp file to ``key`` (durable once ``sync_place`` returns)."""
+    def place(self, temp_path: Path, key: str) -> list[Path]:
+        """Rename a synced temp file to ``key``; returns the folders whose entries
+        changed (its own, and the parent of each folder made for it), which
+        ``sync_folders`` makes durable."""
         final = self._path(key)
+        folders = [final.parent]
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            missing = final.parent
+            while not missing.is_dir():
+                folders.append(missing.parent)  # the new folder's own entry
+                missing = missing.parent
+            if len(folders) > 1:
+                final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp_path, final)
         except OSError as exc:
             raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
+        return folders
 
     def sync_place(self, key: str) -> None:
         """Make the rename of ``key`` durable (fsync its folder)."""
+        self.sync_folders([self._path(key).parent])
+
+    def sync_folders(self, folders: Iterable[Path]) -> None:
+        """fsync each folder once (a rename or a new entry in it becomes durable)."""
+        for folder in dict.fromkeys(folders):
+            try:
+                _fsync_dir(folder)
+            except OSError as exc:
+                raise StorageFailure(f"could not sync {folder}: {exc.strerror or exc}") from exc
+
+    def sync_temp_folder(self) -> None:
+        """Make the names of this process's temp files durable."""
+        self.sync_folders([self.tmp])
+
+    def temp_owner_alive(self, temp: Path) -> bool:
+        """Whether the process whose temp folder holds ``temp`` still runs (this one
+        included): its folder is locked while it lives."""
+        folder = Path(temp).parent
+        if folder == self.tmp:
+            return True
         try:
-            _fsync_dir(self._path(key).parent)
-        except OSError as exc:
-            raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock taken here
+        return False
 
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")

@@ -129,6 +129,13 @@ def m001_hierarchy(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m002_journal_temp(db: sqlite_utils.Database) -> None:
+    # 'store' rows name the temp file the blob is renamed from: committed, with that
+    # file synced, before the rename, so that repair can finish a rename a crash lost.
+    db.execute("ALTER TABLE journal ADD COLUMN temp TEXT")
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -195,13 +202,14 @@ class _Writer(threading.Thread):
         super().__init__(name="index-writer", daemon=True)
         self.path = path
         self.migration_sets = migration_sets
-        self.jobs: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future] | None] = queue.Queue()
+        self.jobs: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future, bool] | None] = queue.Queue()
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
         # journal rows whose work is finished, deleted inside the next transaction
         # (or at close) instead of costing a commit of their own
         self.finished_journal: list[int] = []
         self._finished_lock = threading.Lock()
+        self._synced = True  # synchronous=FULL, as _configure sets it
 
     def take_finished_journal(self) -> list[int]:
         with self._finished_lock:
@@ -241,7 +249,7 @@ class _Writer(threading.Thread):
             except BaseException as exc:  # the writer must outlive any one batch
                 log.exception("index writer: batch failed")
                 _rollback_quietly(conn)
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(StorageFailure(f"index write failed: {exc}"))
             if stop:
@@ -254,16 +262,24 @@ class _Writer(threading.Thread):
         finished = self.take_finished_journal()
         if not batch and not finished:
             return
+        # A transaction with a durable job is synced to disk before its futures resolve
+        # (synchronous=FULL); one of only "visible" jobs and finished journal rows is
+        # not (NORMAL: the WAL is synced by the next durable commit, and the WAL keeps
+        # commits in order, so a crash can lose only a suffix of them).
+        durable = any(job_durable for _, _, job_durable in batch)
         try:
+            if durable != self._synced:
+                conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._synced = durable
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 fut.set_exception(StorageFailure(f"index unavailable: {exc}"))
             self._give_back(finished)
             return
         if finished:
             _delete_journal_rows(conn, finished)
-        for fn, fut in batch:
+        for fn, fut, _ in batch:
             conn.execute("SAVEPOINT job")
             try:
                 value = fn(conn)
@@ -349,14 +365,15 @@ class SQLiteIndex:
         """Run ``fn(conn)`` on the writer thread inside a transaction; return its result."""
         return self.submit(fn).result()
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> "Future[T]":
+    def submit(self, fn: Callable[[sqlite3.Connection], T], durable: bool = True) -> "Future[T]":
         """Queue ``fn(conn)`` for the writer thread; the future resolves once the
         transaction that ran it is committed (so the caller can do other work, such as
-        an fsync, meanwhile)."""
+        an fsync, meanwhile): on disk, or with ``durable=False`` only visible to readers
+        (for a change that a durable journal row lets repair redo after a crash)."""
         if self._closed:
             raise StorageFailure("the index is closed")
         fut: Future = Future()
-        self._writer.jobs.put((fn, fut))
+        self._writer.jobs.put((fn, fut, durable))
         return fut
 
     def reader(self) -> sqlite3.Connection:
@@ -384,13 +401,17 @@ class SQLiteIndex:
             ).lastrowid
         )
 
-    def journal_add_async(self, blob_key: str, action: str) -> "Future[int]":
+    def journal_add_async(self, blob_key: str, action: str, temp: str | None = None) -> "Future[int]":
         return self.submit(
             lambda c: c.execute(
-                "INSERT INTO journal (blob_key, action, created_at) VALUES (?, ?, ?)",
-                (blob_key, action, time.time()),
+                "INSERT INTO journal (blob_key, action, created_at, temp) VALUES (?, ?, ?, ?)",
+                (blob_key, action, time.time(), temp),
             ).lastrowid
         )
+
+    def journal_sync(self, pk: int) -> None:
+        """Return once journal row ``pk`` and every commit before it are on disk."""
+        self.write(lambda c: c.execute("UPDATE journal SET created_at = created_at WHERE pk = ?", (pk,)))
 
     def journal_finished(self, pk: int) -> None:
         """The work journal row ``pk`` recorded is durable: delete the row with the next
@@ -403,16 +424,16 @@ class SQLiteIndex:
         if pks:
             self.write(lambda c: _delete_journal_rows(c, pks))
 
-    def journal_entries(self) -> list[tuple[int, str, str]]:
-        return self.reader().execute("SELECT pk, blob_key, action FROM journal ORDER BY pk").fetchall()
+    def journal_entries(self) -> list[tuple[int, str, str, str | None]]:
+        return self.reader().execute("SELECT pk, blob_key, action, temp FROM journal ORDER BY pk").fetchall()
 
     # -- ingest
     def upsert_instance(self, record: InstanceRecord, journal_pk: int | None = None) -> UpsertOutcome:
         return self.write(lambda c: _upsert(c, record, journal_pk))
 
-    def upsert_instance_async(self, record: InstanceRecord) -> "Future[UpsertOutcome]":
+    def upsert_instance_async(self, record: InstanceRecord, durable: bool = True) -> "Future[UpsertOutcome]":
         """Queue the upsert; the journal row of the blob stays until ``journal_finished``."""
-        return self.submit(lambda c: _upsert(c, record, None))
+        return self.submit(lambda c: _upsert(c, record, None), durable)
 
     def forget_blob(self, blob_key: str) -> list[int]:
         """Remove the instance row that points at ``blob_key`` (its file never became

@@ -39,8 +39,10 @@ def test_finished_journal_rows_are_deleted_by_the_next_transaction_or_at_close(t
     archive = Archive(tmp_path / "a")
     first, second = corpus.ct_series(2)
     archive.store_bytes(_bytes(first), Source("test"))
+    archive.flusher.drain()
     assert len(_journal(archive)) == 1  # the finished row waits for the next transaction
     archive.store_bytes(_bytes(second), Source("test"))
+    archive.flusher.drain()
     assert len(_journal(archive)) == 1
     archive.close()
     reopened = Archive(tmp_path / "a")
@@ -51,58 +53,99 @@ def test_finished_journal_rows_are_deleted_by_the_next_transaction_or_at_close(t
         reopened.close()
 
 
+def _store_and_crash_before_the_folder_sync(archive: Archive, ds) -> tuple[str, Path]:
+    """Store ``ds`` as if the process died right after the acknowledgement: the rename's
+    folder never synced, so its journal row (naming the temp file) is left."""
+    archive.flusher.submit = lambda folders, pk: None  # type: ignore[method-assign]
+    result = archive.store_bytes(_bytes(ds), Source("test"))
+    [(_, key, action, temp)] = _journal(archive)
+    assert action == "store" and temp
+    archive.close()
+    return result.sop_instance_uid, Path(temp)
+
+
 def test_repair_reindexes_a_stored_blob_whose_journal_row_was_left(tmp_path):
     archive = Archive(tmp_path / "a")
-    ds = corpus.ct_series(1)[0]
-    result = archive.store_bytes(_bytes(ds), Source("test"))
-    archive.index._writer.finished_journal.clear()  # as if the process died before deleting it
-    archive.close()
+    uid, _ = _store_and_crash_before_the_folder_sync(archive, corpus.ct_series(1)[0])
     reopened = Archive(tmp_path / "a")
     try:
         assert _journal(reopened) == []
-        assert reopened.instances(sop_instance_uids=(result.sop_instance_uid,))
+        assert reopened.instances(sop_instance_uids=(uid,))
     finally:
         reopened.close()
 
 
-def test_repair_drops_the_row_of_a_blob_whose_rename_did_not_survive(tmp_path):
+def test_repair_finishes_a_rename_that_did_not_survive(tmp_path):
     archive = Archive(tmp_path / "a")
     ds = corpus.ct_series(1)[0]
-    result = archive.store_bytes(_bytes(ds), Source("test"))
-    [stored] = archive.instances(sop_instance_uids=(result.sop_instance_uid,))
-    archive.index._writer.finished_journal.clear()
-    archive.close()
-    Path(archive.blobs.local_path(stored.blob_key)).unlink()  # the crash lost the rename
+    uid, temp = _store_and_crash_before_the_folder_sync(archive, ds)
+    key_path = next((tmp_path / "a" / "blobs").rglob("*.dcm"))
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    key_path.rename(temp)  # what the disk holds when the crash lost the rename
     reopened = Archive(tmp_path / "a")
     try:
-        assert reopened.instances(sop_instance_uids=(result.sop_instance_uid,)) == []
+        [stored] = reopened.instances(sop_instance_uids=(uid,))
+        assert reopened.instance_path(stored).read_bytes() == _bytes(ds)
+        assert not temp.exists()
+        assert _journal(reopened) == []
+    finally:
+        reopened.close()
+
+
+def test_repair_drops_the_row_of_a_blob_that_is_nowhere(tmp_path):
+    archive = Archive(tmp_path / "a")
+    uid, temp = _store_and_crash_before_the_folder_sync(archive, corpus.ct_series(1)[0])
+    next((tmp_path / "a" / "blobs").rglob("*.dcm")).unlink()  # lost, and no temp file either
+    assert not temp.exists()
+    reopened = Archive(tmp_path / "a")
+    try:
+        assert reopened.instances(sop_instance_uids=(uid,)) == []
         assert reopened.counts() == {"patients": 0, "studies": 0, "series": 0, "instances": 0}
         assert _journal(reopened) == []
     finally:
         reopened.close()
 
 
-def test_failed_folder_sync_is_not_acknowledged_and_leaves_the_journal_row(tmp_path, monkeypatch):
+def test_repair_drops_an_incomplete_temp_file_that_was_never_acknowledged(tmp_path):
+    archive = Archive(tmp_path / "a")
+    ds = corpus.ct_series(1)[0]
+    uid, temp = _store_and_crash_before_the_folder_sync(archive, ds)
+    key_path = next((tmp_path / "a" / "blobs").rglob("*.dcm"))
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    temp.write_bytes(_bytes(ds)[:-100])  # the content never reached the disk whole
+    key_path.unlink()
+    reopened = Archive(tmp_path / "a")
+    try:
+        assert reopened.instances(sop_instance_uids=(uid,)) == []
+        assert not temp.exists()
+        assert list(reopened.blobs.iter_keys()) == []
+        assert _journal(reopened) == []
+    finally:
+        reopened.close()
+
+
+def test_a_failed_folder_sync_after_the_acknowledgement_leaves_the_journal_row(tmp_path):
     archive = Archive(tmp_path / "a")
     try:
-        def fail(self, key):
+        def fail(folders):
             raise StorageFailure("disk gone")
 
-        monkeypatch.setattr(FileBlobStore, "sync_place", fail)
-        with pytest.raises(StorageFailure):
-            archive.store_bytes(_bytes(corpus.ct_series(1)[0]), Source("test"))
-        assert len(_journal(archive)) == 1  # repair decides on the next start
+        archive.flusher._sync_folders = fail
+        archive.store_bytes(_bytes(corpus.ct_series(1)[0]), Source("test"))
+        archive.flusher.drain()
+        assert len(_journal(archive)) == 1  # repair re-checks the rename on the next start
     finally:
         archive.close()
 
 
-def test_failed_temp_sync_stores_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", ["sync_temp", "sync_temp_folder"])
+def test_failed_temp_sync_stores_nothing(tmp_path, monkeypatch, step):
     archive = Archive(tmp_path / "a")
     try:
-        def fail(self, temp):
+        def fail(*args):
             raise StorageFailure("disk gone")
 
-        monkeypatch.setattr(FileBlobStore, "sync_temp", fail)
+        monkeypatch.setattr(FileBlobStore, step, fail)
         with pytest.raises(StorageFailure):
             archive.store_bytes(_bytes(corpus.ct_series(1)[0]), Source("test"))
         assert archive.counts()["instances"] == 0
