@@ -46,7 +46,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from .store_receipt import StoreReceipt, read_command_fields, store_rsp_command
+from .store_receipt import StoreReceipt, read_command_fields, store_request, store_rsp_command
 
 _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 POLL_S = 0.005  # longest wait before timers and flags are looked at again
@@ -212,21 +212,14 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
         if fields is None or fields.get(0x0100) != b"\x01\x00" or fields.get(0x0800) == b"\x01\x01":
             return False
         cx = self.assoc._accepted_cx.get(context_id)
-        if cx is None:
-            return False  # pynetdicom reports that
-        message = DIMSEMessage()
-        message.encoded_command_set.write(command)
-        message.context_id = context_id
-        message.command_set = decode(message.encoded_command_set, True, True)
-        message.__class__ = C_STORE_RQ
-        cs = message.command_set
+        request = store_request(fields)
+        if cx is None or request is None:
+            return False  # pynetdicom decodes it (and reports what is wrong)
         try:
-            receipt = StoreReceipt(folder, cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID, cx.transfer_syntax[0])
+            receipt = StoreReceipt(folder, context_id, bytes(command), request, cx.transfer_syntax[0])
         except OSError:
             return False  # no file there (a full disk, say): pynetdicom's own way
-        message._data_set_file = receipt.file  # type: ignore[assignment]
-        message._data_set_path = receipt.file.path
-        self.message, self._receipt = message, receipt
+        self._receipt = receipt
         return True
 
     def _continue_receipt(self, primitive: Any, receipt: StoreReceipt) -> None:
@@ -234,33 +227,36 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
             header = data[0]
             if header & 0x01:
                 # a command fragment inside a dataset: the peer broke PS3.8 E.2
-                receipt.file.close()
-                receipt.file._discard()
-                self.message, self._receipt = None, None
+                receipt.file.discard()
+                self._receipt = None
                 logging.getLogger("pynetdicom.dimse").error("Received an invalid DIMSE message")
                 self.dul.event_queue.put("Evt19")
                 return
-            receipt.add(memoryview(data)[1:])
+            receipt.file.write(memoryview(data)[1:])
             if header & 0x02:
                 self._finish_receipt(receipt)
                 return
 
     def _finish_receipt(self, receipt: StoreReceipt) -> None:
-        message = self.message
-        self.message, self._receipt = None, None
+        self._receipt = None
         receipt.file.finish()
+        request = receipt.request
         if self._recv_listeners():
+            # pynetdicom's message, for the listeners (its log lines, an application's)
+            message = DIMSEMessage()
+            message.encoded_command_set.write(receipt.command)
+            message.context_id = receipt.context_id
+            message.command_set = decode(message.encoded_command_set, True, True)
+            message.__class__ = C_STORE_RQ
+            message._data_set_file = receipt.file  # type: ignore[assignment]
+            message._data_set_path = receipt.file.path
             evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
-        try:
-            request = message.message_to_primitive()
-        except Exception:
-            logging.getLogger("pynetdicom.dimse").exception("Received an invalid DIMSE message")
-            receipt.file._discard()
-            self.dul.event_queue.put("Evt19")
-            return
+        request._context_id = receipt.context_id
+        request._dataset_path = receipt.file.path
+        request._dataset_file = receipt.file
         if receipt.file.error is not None:
             request._dicomnode_receive_error = receipt.file.error  # handle_store answers 0xA700
-        self.msg_queue.put((message.context_id, request))
+        self.msg_queue.put((receipt.context_id, request))
 
     def _recv_listeners(self) -> bool:
         """Whether ``EVT_DIMSE_RECV`` has a listener that does anything: pynetdicom's

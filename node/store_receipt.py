@@ -25,12 +25,15 @@ whose AE names a receive folder (``node/server.py``); everything else is pynetdi
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 import uuid
+from io import BytesIO
 from pathlib import Path
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dimse_primitives import C_STORE
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -78,18 +81,24 @@ class ReceivedFile:
         self.name = str(self.path)
         self.error: OSError | None = None
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._written = 0
 
     def write(self, data: bytes | memoryview) -> None:
         """Write all of ``data``; after a failure the rest of the dataset is dropped."""
         if self._fd is None or self.error is not None:
             return
         view = memoryview(data)
+        start = self._written
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                count = os.write(self._fd, view)
+                view = view[count:]
+                self._written += count
         except OSError as exc:
             self.error = exc
-            self._discard()
+            self.discard()
+            return
+        start_writeback(self._fd, start, self._written - start)
 
     def finish(self) -> None:
         """All fragments arrived: close the file (its content is synced by the archive)."""
@@ -101,7 +110,7 @@ class ReceivedFile:
         """After the handler: a file nobody took over goes (pynetdicom unlinks ``name``)."""
         self.finish()
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
         self.finish()
         try:
             os.unlink(self.path)
@@ -110,14 +119,31 @@ class ReceivedFile:
 
 
 class StoreReceipt:
-    """One C-STORE-RQ dataset being received."""
+    """One C-STORE-RQ being received: its command, its request primitive, its file."""
 
-    def __init__(self, folder: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
+    def __init__(self, folder: Path, context_id: int, command: bytes, request: C_STORE, transfer_syntax_uid: str) -> None:
+        self.context_id = context_id
+        self.command = command
+        self.request = request
         self.file = ReceivedFile(folder)
-        self.file.write(file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax_uid))
+        self.file.write(file_meta_bytes(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, transfer_syntax_uid))
 
-    def add(self, fragment: memoryview) -> None:
-        self.file.write(fragment)
+
+# Start writing a fragment to disk as soon as it is written (Linux sync_file_range,
+# SYNC_FILE_RANGE_WRITE: asynchronous, a hint): the archive's fsync of the whole file,
+# which the acknowledgement waits for, then finds most of it already written.
+_SYNC_FILE_RANGE_WRITE = 2
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+except (OSError, AttributeError):  # not Linux
+    _sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 # --------------------------------------------------------------------------- command sets
@@ -139,6 +165,40 @@ def read_command_fields(data: bytes | memoryview) -> dict[int, bytes] | None:
         fields[elem] = bytes(view[pos:pos + length])
         pos += length
     return fields
+
+
+# the elements a C-STORE-RQ command set may carry (PS3.7 9.3.1.1)
+_STORE_RQ_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031))
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("ascii").rstrip("\x00 ")
+
+
+def store_request(fields: dict[int, bytes]) -> C_STORE | None:
+    """The C-STORE request primitive of a C-STORE-RQ command set, built directly
+    (what pynetdicom's ``message_to_primitive`` makes, at a tenth of its cost);
+    ``None`` for anything unusual, which pynetdicom then decodes itself."""
+    if not fields.keys() <= _STORE_RQ_ELEMENTS or any(
+        len(fields.get(elem, b"")) != 2 for elem in (0x0110, 0x0700)
+    ):
+        return None
+    try:
+        request = C_STORE()
+        request.MessageID = int.from_bytes(fields[0x0110], "little")
+        request.AffectedSOPClassUID = _text(fields[0x0002])
+        request.AffectedSOPInstanceUID = _text(fields[0x1000])
+        request.Priority = int.from_bytes(fields[0x0700], "little")
+        if 0x1030 in fields:
+            request.MoveOriginatorApplicationEntityTitle = _text(fields[0x1030])
+        if 0x1031 in fields:
+            if len(fields[0x1031]) != 2:
+                return None
+            request.MoveOriginatorMessageID = int.from_bytes(fields[0x1031], "little")
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+        return None
+    request.DataSet = BytesIO()  # as pynetdicom leaves it: the dataset is in the file
+    return request
 
 
 def _us(elem: int, value: int) -> bytes:

@@ -111,3 +111,48 @@ def test_a_command_fragment_inside_a_dataset_aborts_and_keeps_nothing(node):
             assoc.abort()
     assert node.archive.counts()["instances"] == 0
     assert [p for p in node.archive.receive_folder().rglob("*") if p.is_file()] == []
+
+
+def _store_rq_command(**extra) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    request = C_STORE()
+    request.MessageID = 11
+    request.AffectedSOPClassUID = CT
+    request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    request.Priority = 2
+    for name, value in extra.items():
+        setattr(request, name, value)
+    request.DataSet = io.BytesIO(b"\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    return encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"MoveOriginatorApplicationEntityTitle": "MOVER", "MoveOriginatorMessageID": 3},
+])
+def test_store_request_is_what_pynetdicom_decodes(extra):
+    from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+    from pynetdicom.dsutils import decode
+
+    from node.store_receipt import store_request
+
+    command = _store_rq_command(**extra)
+    message = DIMSEMessage()
+    message.command_set = decode(io.BytesIO(command), True, True)
+    message.__class__ = C_STORE_RQ
+    expected = message.message_to_primitive()
+    built = store_request(read_command_fields(command))
+    for name in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                 "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID"):
+        assert getattr(built, name) == getattr(expected, name), name
+
+
+def test_an_unusual_store_command_is_left_to_pynetdicom():
+    from node.store_receipt import store_request
+
+    fields = read_command_fields(_store_rq_command())
+    assert store_request({**fields, 0x0902: b"odd element"}) is None
+    assert store_request({**fields, 0x0700: b"\x07\x00"}) is None  # no such priority
