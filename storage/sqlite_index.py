@@ -244,14 +244,21 @@ class _Writer(threading.Thread):
                     stop = True
                     break
                 batch.append(more)
-            try:
-                self._run_batch(conn, batch)
-            except BaseException as exc:  # the writer must outlive any one batch
-                log.exception("index writer: batch failed")
-                _rollback_quietly(conn)
-                for _, fut, _ in batch:
-                    if not fut.done():
-                        fut.set_exception(StorageFailure(f"index write failed: {exc}"))
+            # The jobs that need only be visible first, in a transaction of their own
+            # that is not synced: they do not wait for the disk behind durable ones.
+            visible = [job for job in batch if not job[2]]
+            durable = [job for job in batch if job[2]] if visible else batch
+            for part in (visible, durable):
+                if not part:
+                    continue
+                try:
+                    self._run_batch(conn, part)
+                except BaseException as exc:  # the writer must outlive any one batch
+                    log.exception("index writer: batch failed")
+                    _rollback_quietly(conn)
+                    for _, fut, _ in part:
+                        if not fut.done():
+                            fut.set_exception(StorageFailure(f"index write failed: {exc}"))
             if stop:
                 break
         self._run_batch(conn, [])  # the finished journal rows still waiting

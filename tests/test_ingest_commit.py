@@ -233,7 +233,8 @@ def test_the_index_writer_outlives_a_failed_batch(tmp_path, monkeypatch):
     archive = Archive(tmp_path / "a")
     try:
         first, second = corpus.ct_series(2)
-        archive.store_bytes(_bytes(first), Source("test"))  # leaves a finished journal row
+        archive.store_bytes(_bytes(first), Source("test"))
+        archive.flusher.drain()  # leaves a finished journal row for the next transaction
         calls = []
 
         def broken_once(conn, pks):
