@@ -251,3 +251,39 @@ def test_the_index_writer_outlives_a_failed_batch(tmp_path, monkeypatch):
         assert archive.counts()["instances"] == 2
     finally:
         archive.close()
+
+
+def test_a_durable_index_write_returns_only_after_the_wal_is_synced_and_a_visible_one_does_not_wait(
+    tmp_path, monkeypatch
+):
+    import os
+    import threading
+
+    from storage import sqlite_index
+
+    archive = Archive(tmp_path / "a")
+    try:
+        archive.index.write(lambda c: c.execute("SELECT 1"))  # the WAL file exists
+        release = threading.Event()
+        synced: list[str] = []
+        real_fsync = os.fsync
+
+        def slow_fsync(fd):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if path.endswith("-wal"):
+                release.wait(10)
+                synced.append(path)
+            real_fsync(fd)
+
+        monkeypatch.setattr(sqlite_index.os, "fsync", slow_fsync)
+        durable = archive.index.submit(lambda c: c.execute("INSERT INTO journal (blob_key, action, created_at)"
+                                                           " VALUES ('k', 'delete', 0)").lastrowid)
+        visible = archive.index.submit(lambda c: c.execute("SELECT count(*) FROM journal").fetchone()[0],
+                                       durable=False)
+        assert visible.result(timeout=10) >= 0  # not held up by the sync in progress
+        assert not durable.done()
+        release.set()
+        assert durable.result(timeout=10) > 0
+        assert synced and synced[0].endswith("-wal")
+    finally:
+        archive.close()
