@@ -73,3 +73,30 @@ def test_peer_dropping_the_connection_ends_the_association(node):
     assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
     assert _wait_until_no_associations(node)
     assoc.abort()
+
+
+def test_bulk_recv_socket_reads_exactly_the_bytes_asked_for_and_stops_short_at_close():
+    import socket as socket_module
+    import threading as threading_module
+
+    from node.reactor import BulkRecvSocket
+
+    left, right = socket_module.socketpair()
+    try:
+        reader = BulkRecvSocket.__new__(BulkRecvSocket)
+        reader.socket = left
+        payload = bytes(range(256)) * 1024  # 256 KiB, sent in pieces
+
+        def send():
+            for start in range(0, len(payload), 7000):
+                right.sendall(payload[start:start + 7000])
+            right.sendall(b"tail")
+            right.close()
+
+        sender = threading_module.Thread(target=send)
+        sender.start()
+        assert reader.recv(len(payload)) == payload
+        assert reader.recv(100) == bytearray(b"tail")  # the peer closed after 4 bytes
+        sender.join(5)
+    finally:
+        left.close()
