@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -107,14 +108,18 @@ class Archive:
         self._monitor: threading.Thread | None = None
         self.repair()
         self.flusher: FolderFlusher | None = None
+        self._temp_syncs: ThreadPoolExecutor | None = None
         if isinstance(self.blobs, FileBlobStore):
             self.flusher = FolderFlusher(self.blobs.sync_folders, self.index.journal_finished)
+            self._temp_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="temp-sync")
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
+        if self._temp_syncs is not None:
+            self._temp_syncs.shutdown(wait=True)
         if self.flusher is not None:
             self.flusher.close()  # the last renames made durable, their journal rows let go
         self.metadata_cache.close()
@@ -286,18 +291,31 @@ class Archive:
 
     def _ingest(self, temp: Path, source: Source, expected_study: str | None) -> StoreResult:
         size = temp.stat().st_size
+        synced = self._start_temp_sync(temp)  # runs while the file is parsed and checked
         with open(temp, "rb") as fh:
             ds, tsuid = _parse(fh, size)
         if not getattr(ds, "_dicomnode_has_meta", True):
             temp, size = _add_file_meta(temp, ds, tsuid, self.blobs)
             try:
-                return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study)
+                return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study, None)
             finally:
                 self.blobs.discard_temp(temp)
-        return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study)
+        return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study, synced)
+
+    def _start_temp_sync(self, temp: Path) -> "Future[None] | None":
+        if self._temp_syncs is None:
+            return None
+        return self._temp_syncs.submit(self._sync_temp, temp)
+
+    def _sync_temp(self, temp: Path) -> None:
+        """The temp file's content and name on disk."""
+        assert isinstance(self.blobs, FileBlobStore)
+        self.blobs.sync_temp(temp)
+        self.blobs.sync_temp_folder()
 
     def _ingest_parsed(
-        self, temp: Path, size: int, ds: Dataset, tsuid: str, source: Source, expected_study: str | None
+        self, temp: Path, size: int, ds: Dataset, tsuid: str, source: Source, expected_study: str | None,
+        synced: "Future[None] | None" = None,
     ) -> StoreResult:
         sop_class = require_uid(ds.get("SOPClassUID"), "SOPClassUID")
         sop_uid = require_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -336,7 +354,7 @@ class Archive:
                 key = f"{study_uid}/{series_uid}/{sop_uid}.{uuid.uuid4().hex[:12]}.dcm"
                 record = dataclasses.replace(record, blob_key=key)
             if isinstance(self.blobs, FileBlobStore):
-                outcome = self._commit_overlapped(temp, key, record)
+                outcome = self._commit_overlapped(temp, key, record, synced)
             else:
                 journal_pk = self.index.journal_add(key, "store")
                 try:
@@ -381,7 +399,9 @@ class Archive:
         self.metadata_cache.remove(key)
         self.blobs.delete(key)
 
-    def _commit_overlapped(self, temp: Path, key: str, record: InstanceRecord) -> Any:
+    def _commit_overlapped(
+        self, temp: Path, key: str, record: InstanceRecord, synced: "Future[None] | None" = None
+    ) -> Any:
         """Journal, file and index with one wait for the disk before the acknowledgement:
 
         1. in parallel: the journal row naming ``key`` and ``temp`` committed to disk,
@@ -398,8 +418,10 @@ class Archive:
         assert isinstance(blobs, FileBlobStore) and self.flusher is not None
         journal = self.index.journal_add_async(key, "store", temp=str(temp))
         try:
-            blobs.sync_temp(temp)
-            blobs.sync_temp_folder()
+            if synced is None:
+                self._sync_temp(temp)
+            else:
+                synced.result()  # started by _ingest before the parse
         except BaseException:
             if journal.exception() is None:
                 self.repair_entry(journal.result(), key)  # nothing was placed
