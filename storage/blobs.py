@@ -153,7 +153,9 @@ class FileBlobStore:
         """Make the temp file's content durable."""
         try:
             with open(temp_path, "rb+") as fh:
-                os.fsync(fh.fileno())
+                # content and what is needed to read it back (size, blocks), as fsync
+                # less the timestamps
+                os.fdatasync(fh.fileno())
         except OSError as exc:
             raise StorageFailure(f"could not write {temp_path.name}: {exc.strerror or exc}") from exc
 

@@ -266,7 +266,7 @@ def test_a_durable_index_write_returns_only_after_the_wal_is_synced_and_a_visibl
         archive.index.write(lambda c: c.execute("SELECT 1"))  # the WAL file exists
         release = threading.Event()
         synced: list[str] = []
-        real_fsync = os.fsync
+        real_fsync = os.fdatasync
 
         def slow_fsync(fd):
             path = os.readlink(f"/proc/self/fd/{fd}")
@@ -275,7 +275,7 @@ def test_a_durable_index_write_returns_only_after_the_wal_is_synced_and_a_visibl
                 synced.append(path)
             real_fsync(fd)
 
-        monkeypatch.setattr(sqlite_index.os, "fsync", slow_fsync)
+        monkeypatch.setattr(sqlite_index.os, "fdatasync", slow_fsync)
         durable = archive.index.submit(lambda c: c.execute("INSERT INTO journal (blob_key, action, created_at)"
                                                            " VALUES ('k', 'delete', 0)").lastrowid)
         visible = archive.index.submit(lambda c: c.execute("SELECT count(*) FROM journal").fetchone()[0],
