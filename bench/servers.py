@@ -180,6 +180,9 @@ def write_orthanc_config(folder: Path, peer: Server | None) -> tuple[Path, int, 
         "StorageDirectory": str(folder / "storage"),
         "IndexDirectory": str(folder / "storage"),
         "StorageCompression": False,
+        # Orthanc's default since 1.7.4, stated so the comparison is plain: it fsyncs each
+        # stored file before answering, as dicomnode does
+        "SyncStorageArea": True,
         "HttpServerEnabled": True,
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,
