@@ -192,17 +192,24 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
     # -- receiving: C-STORE-RQ datasets straight into the archive's temp folder
     def receive_primitive(self, primitive: Any) -> None:
         receipt = self._receipt
+        pdvs = primitive.presentation_data_value_list
         if receipt is not None:
-            self._continue_receipt(primitive, receipt)
+            self._continue_receipt(pdvs, receipt)
             return
-        if self.message is None:
+        if self.message is None and pdvs:
             folder = getattr(self.assoc.ae, "dicomnode_receive_folder", None)
-            pdvs = primitive.presentation_data_value_list
-            if folder is not None and len(pdvs) == 1:
-                context_id, data = pdvs[0]
-                if data and data[0] & 0x03 == 0x03 and self._start_receipt(folder, context_id, data):
-                    return
+            context_id, data = pdvs[0]
+            if folder is not None and data and data[0] & 0x03 == 0x03 and self._start_receipt(folder, context_id, data):
+                if len(pdvs) > 1 and self._receipt is not None:  # dataset fragments in the same PDU
+                    self._continue_receipt(pdvs[1:], self._receipt)
+                return
         super().receive_primitive(primitive)
+
+    def discard_receipt(self) -> None:
+        """The association ended inside a dataset: its partial file goes."""
+        receipt, self._receipt = self._receipt, None
+        if receipt is not None:
+            receipt.file.discard()
 
     def _start_receipt(self, folder: Any, context_id: int, data: bytes) -> bool:
         """A complete command set in one fragment: when it is a C-STORE-RQ with a
@@ -222,8 +229,8 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
         self._receipt = receipt
         return True
 
-    def _continue_receipt(self, primitive: Any, receipt: StoreReceipt) -> None:
-        for _, data in primitive.presentation_data_value_list:
+    def _continue_receipt(self, pdvs: list, receipt: StoreReceipt) -> None:
+        for _, data in pdvs:
             header = data[0]
             if header & 0x01:
                 # a command fragment inside a dataset: the peer broke PS3.8 E.2
@@ -352,6 +359,12 @@ class EventDrivenAssociation(Association):
         self.dul = EventDrivenDUL(self)
         self.dimse = EventDrivenDIMSE(self)
         self.quiet_find_logging()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.dimse.discard_receipt()  # aborted or closed in the middle of a dataset
 
     def quiet_find_logging(self) -> None:
         """Swap pynetdicom's standard EVT_DIMSE_SENT log handler for

@@ -156,3 +156,40 @@ def test_an_unusual_store_command_is_left_to_pynetdicom():
     fields = read_command_fields(_store_rq_command())
     assert store_request({**fields, 0x0902: b"odd element"}) is None
     assert store_request({**fields, 0x0700: b"\x07\x00"}) is None  # no such priority
+
+
+def test_an_association_aborted_inside_a_dataset_leaves_no_partial_file(node):
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.pdu_primitives import P_DATA
+
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(CT)
+    assoc = ae.associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    message = C_STORE_RQ()
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CT
+    request.AffectedSOPInstanceUID = "1.2.3.4"
+    request.Priority = 0
+    request.DataSet = io.BytesIO(b"\x00")
+    message.primitive_to_message(request)
+    for value, header in ((encode(message.command_set, True, True), 0x03), (b"\x08\x00\x16\x00" * 1000, 0x00)):
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, bytes((header,)) + value))
+        assoc.dul.send_pdu(pdata)
+    folder = node.archive.receive_folder()
+    deadline = time.monotonic() + 10
+    while not [p for p in folder.iterdir() if p.name.endswith(".dcm.part")] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [p for p in folder.iterdir() if p.name.endswith(".dcm.part")], "the dataset was being received"
+    assoc.abort()
+    deadline = time.monotonic() + 10
+    while [p for p in folder.iterdir() if p.is_file()] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [p for p in folder.iterdir() if p.is_file()] == []
+    assert node.archive.counts()["instances"] == 0
