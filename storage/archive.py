@@ -302,10 +302,13 @@ class Archive:
                 self.blobs.discard_temp(temp)
         return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study, synced)
 
-    def _start_temp_sync(self, temp: Path) -> "Future[None] | None":
+    def _start_temp_sync(self, temp: Path) -> "TempSync | None":
+        """Start syncing the temp file's content and its name (its folder), side by side."""
         if self._temp_syncs is None:
             return None
-        return self._temp_syncs.submit(self._sync_temp, temp)
+        blobs = self.blobs
+        assert isinstance(blobs, FileBlobStore)
+        return TempSync(self._temp_syncs.submit(blobs.sync_temp, temp), self._temp_syncs.submit(blobs.sync_temp_folder))
 
     def _sync_temp(self, temp: Path) -> None:
         """The temp file's content and name on disk."""
@@ -315,7 +318,7 @@ class Archive:
 
     def _ingest_parsed(
         self, temp: Path, size: int, ds: Dataset, tsuid: str, source: Source, expected_study: str | None,
-        synced: "Future[None] | None" = None,
+        synced: "TempSync | None" = None,
     ) -> StoreResult:
         sop_class = require_uid(ds.get("SOPClassUID"), "SOPClassUID")
         sop_uid = require_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -400,7 +403,7 @@ class Archive:
         self.blobs.delete(key)
 
     def _commit_overlapped(
-        self, temp: Path, key: str, record: InstanceRecord, synced: "Future[None] | None" = None
+        self, temp: Path, key: str, record: InstanceRecord, synced: "TempSync | None" = None
     ) -> Any:
         """Journal, file and index with one wait for the disk before the acknowledgement:
 
@@ -421,7 +424,7 @@ class Archive:
             if synced is None:
                 self._sync_temp(temp)
             else:
-                synced.result()  # started by _ingest before the parse
+                synced.wait()  # started by _ingest before the parse
         except BaseException:
             if journal.exception() is None:
                 self.repair_entry(journal.result(), key)  # nothing was placed
@@ -609,6 +612,18 @@ class Archive:
 
     def counts(self) -> dict[str, int]:
         return self.index.counts()
+
+
+@dataclass(frozen=True)
+class TempSync:
+    """The two syncs that make a temp file durable, running in the archive's pool."""
+
+    content: "Future[None]"
+    name: "Future[None]"
+
+    def wait(self) -> None:
+        self.name.result()
+        self.content.result()
 
 
 # ---------------------------------------------------------------------- parsing helpers
