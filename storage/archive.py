@@ -35,6 +35,7 @@ from .errors import (
 )
 from .events import EventBus, InstanceStored, StudyStable
 from .flusher import FolderFlusher
+from .header import read_header
 from .identity import IdentityStore
 from .metadata_cache import MetadataCache, stamp_of
 from .metrics import Metrics
@@ -633,7 +634,19 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
     """Parse an instance once, without loading large values; check it is complete.
 
     Returns the dataset and its transfer syntax. A dataset without file meta gets
-    ``_dicomnode_has_meta = False`` so that the caller adds the meta information."""
+    ``_dicomnode_has_meta = False`` so that the caller adds the meta information.
+
+    Most files are read by :func:`storage.header.read_header`, which gives the same
+    values and decision for what it accepts; pydicom reads the others."""
+    fast = read_header(fh, size)
+    if fast is not None:
+        return fast  # type: ignore[return-value]  # a FastHeader serves as the Dataset here
+    return _parse_with_pydicom(fh, size)
+
+
+def _parse_with_pydicom(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
+    """:func:`_parse` for every file, by pydicom: the reference the fast path matches."""
+    fh.seek(0)
     has_meta = True
     try:
         ds = pydicom.dcmread(fh, defer_size=_DEFER_SIZE)
