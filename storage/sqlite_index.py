@@ -15,7 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -229,7 +229,6 @@ class _Writer(threading.Thread):
             self.ready.set()
             return
         self.ready.set()
-        self.syncer.start()
         try:
             self._serve(conn)
         finally:
@@ -332,56 +331,43 @@ def _resolve(results: list[tuple[Future, Any, BaseException | None]]) -> None:
             fut.set_exception(error)
 
 
-class _WalSyncer(threading.Thread):
-    """Makes commits durable off the writer thread: one fsync of the WAL file for all
-    the commits made before it started, while the writer goes on committing.
+class _WalSyncer:
+    """Makes commits durable off the writer thread, while the writer goes on committing.
 
     The index runs with ``synchronous=NORMAL``: a commit is in the WAL file, in order,
-    but not yet on disk. Syncing that file afterwards gives what ``synchronous=FULL``
-    gives (SQLite syncs the WAL before a checkpoint copies it, and the database after),
-    without holding the write lock during the fsync, so the writer never waits for the
-    disk and a group of durable commits shares one fsync."""
+    but not yet on disk. An fdatasync of that file started after the commit gives what
+    ``synchronous=FULL`` gives (SQLite syncs the WAL before a checkpoint copies it, and
+    the database after), without holding the write lock during the sync, so the writer
+    never waits for the disk. Each durable batch gets its own sync at once, on a small
+    pool: measured here, syncs side by side beat waiting for the one in flight."""
 
     def __init__(self, wal: Path) -> None:
-        super().__init__(name="index-wal-sync", daemon=True)
         self.wal = wal
         self._fd: int | None = None
-        self._pending: list[tuple[Future, Any, BaseException | None]] = []
-        self._cond = threading.Condition()
-        self._closed = False
+        self._fd_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="index-wal-sync")
 
     def resolve_when_synced(self, results: list[tuple[Future, Any, BaseException | None]]) -> None:
-        with self._cond:
-            self._pending.extend(results)
-            self._cond.notify()
+        self._pool.submit(self._sync, results)
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        if self.is_alive():
-            self.join(timeout=30)
-        _resolve_failed(self._pending, "the index closed before the commit was synced")
+        self._pool.shutdown(wait=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending or self._closed)
-                if not self._pending:
-                    return
-                batch, self._pending = self._pending, []
-            try:
+    def _sync(self, results: list[tuple[Future, Any, BaseException | None]]) -> None:
+        try:
+            with self._fd_lock:
                 if self._fd is None:
                     self._fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
-                os.fdatasync(self._fd)  # what SQLite itself calls on Linux
-            except OSError as exc:
-                log.error("could not sync the index WAL %s: %s", self.wal, exc)
-                _resolve_failed(batch, f"the index could not be synced to disk: {exc.strerror or exc}")
-            else:
-                _resolve(batch)
+                fd = self._fd
+            os.fdatasync(fd)  # what SQLite itself calls on Linux
+        except OSError as exc:
+            log.error("could not sync the index WAL %s: %s", self.wal, exc)
+            _resolve_failed(results, f"the index could not be synced to disk: {exc.strerror or exc}")
+        else:
+            _resolve(results)
 
 
 def _resolve_failed(results: list[tuple[Future, Any, BaseException | None]], message: str) -> None:

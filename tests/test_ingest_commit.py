@@ -287,37 +287,3 @@ def test_a_durable_index_write_returns_only_after_the_wal_is_synced_and_a_visibl
         assert synced and synced[0].endswith("-wal")
     finally:
         archive.close()
-
-
-def test_concurrent_temp_folder_syncs_share_an_fsync_that_started_after_each_call(tmp_path, monkeypatch):
-    import threading
-    import time
-
-    from storage import blobs
-
-    started: list[float] = []
-    real = blobs._fsync_dir
-
-    def slow_fsync(path):
-        started.append(time.monotonic())
-        time.sleep(0.02)
-        real(path)
-
-    monkeypatch.setattr(blobs, "_fsync_dir", slow_fsync)
-    group = blobs.GroupSync(tmp_path)
-    calls: list[tuple[float, float]] = []
-
-    def call():
-        begin = time.monotonic()
-        group.sync()
-        calls.append((begin, time.monotonic()))
-
-    threads = [threading.Thread(target=call) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert len(calls) == 16
-    assert len(started) < 16  # shared
-    for begin, end in calls:  # each call covered by an fsync that began after it
-        assert any(begin <= s and s + 0.02 <= end + 1e-3 for s in started)
