@@ -292,7 +292,7 @@ class Archive:
 
     def _ingest(self, temp: Path, source: Source, expected_study: str | None) -> StoreResult:
         size = temp.stat().st_size
-        synced = self._start_temp_sync(temp)  # runs while the file is parsed and checked
+        synced = self._start_temp_sync(temp)  # the folder sync runs beside the parse and the content sync
         with open(temp, "rb") as fh:
             ds, tsuid = _parse(fh, size)
         if not getattr(ds, "_dicomnode_has_meta", True):
@@ -303,23 +303,27 @@ class Archive:
                 self.blobs.discard_temp(temp)
         return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study, synced)
 
-    def _start_temp_sync(self, temp: Path) -> "TempSync | None":
-        """Start syncing the temp file's content and its name (its folder), side by side."""
+    def _start_temp_sync(self, temp: Path) -> "Future[None] | None":
+        """Start syncing the temp file's name (its folder) on the archive's pool; the
+        caller syncs the content meanwhile."""
         if self._temp_syncs is None:
             return None
         blobs = self.blobs
         assert isinstance(blobs, FileBlobStore)
-        return TempSync(self._temp_syncs.submit(blobs.sync_temp, temp), self._temp_syncs.submit(blobs.sync_temp_folder))
+        return self._temp_syncs.submit(blobs.sync_temp_folder)
 
-    def _sync_temp(self, temp: Path) -> None:
+    def _sync_temp(self, temp: Path, name_synced: "Future[None] | None") -> None:
         """The temp file's content and name on disk."""
         assert isinstance(self.blobs, FileBlobStore)
         self.blobs.sync_temp(temp)
-        self.blobs.sync_temp_folder()
+        if name_synced is None:
+            self.blobs.sync_temp_folder()
+        else:
+            name_synced.result()
 
     def _ingest_parsed(
         self, temp: Path, size: int, ds: Dataset, tsuid: str, source: Source, expected_study: str | None,
-        synced: "TempSync | None" = None,
+        synced: "Future[None] | None" = None,
     ) -> StoreResult:
         sop_class = require_uid(ds.get("SOPClassUID"), "SOPClassUID")
         sop_uid = require_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -404,7 +408,7 @@ class Archive:
         self.blobs.delete(key)
 
     def _commit_overlapped(
-        self, temp: Path, key: str, record: InstanceRecord, synced: "TempSync | None" = None
+        self, temp: Path, key: str, record: InstanceRecord, synced: "Future[None] | None" = None
     ) -> Any:
         """Journal, file and index with one wait for the disk before the acknowledgement:
 
@@ -422,10 +426,7 @@ class Archive:
         assert isinstance(blobs, FileBlobStore) and self.flusher is not None
         journal = self.index.journal_add_async(key, "store", temp=str(temp))
         try:
-            if synced is None:
-                self._sync_temp(temp)
-            else:
-                synced.wait()  # started by _ingest before the parse
+            self._sync_temp(temp, synced)
         except BaseException:
             if journal.exception() is None:
                 self.repair_entry(journal.result(), key)  # nothing was placed
@@ -613,18 +614,6 @@ class Archive:
 
     def counts(self) -> dict[str, int]:
         return self.index.counts()
-
-
-@dataclass(frozen=True)
-class TempSync:
-    """The two syncs that make a temp file durable, running in the archive's pool."""
-
-    content: "Future[None]"
-    name: "Future[None]"
-
-    def wait(self) -> None:
-        self.name.result()
-        self.content.result()
 
 
 # ---------------------------------------------------------------------- parsing helpers
