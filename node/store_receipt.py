@@ -25,7 +25,6 @@ whose AE names a receive folder (``node/server.py``); everything else is pynetdi
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 import uuid
@@ -81,24 +80,18 @@ class ReceivedFile:
         self.name = str(self.path)
         self.error: OSError | None = None
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._written = 0
 
     def write(self, data: bytes | memoryview) -> None:
         """Write all of ``data``; after a failure the rest of the dataset is dropped."""
         if self._fd is None or self.error is not None:
             return
         view = memoryview(data)
-        start = self._written
         try:
             while view:
-                count = os.write(self._fd, view)
-                view = view[count:]
-                self._written += count
+                view = view[os.write(self._fd, view):]
         except OSError as exc:
             self.error = exc
             self.discard()
-            return
-        start_writeback(self._fd, start, self._written - start)
 
     def finish(self) -> None:
         """All fragments arrived: close the file (its content is synced by the archive)."""
@@ -127,23 +120,6 @@ class StoreReceipt:
         self.request = request
         self.file = ReceivedFile(folder)
         self.file.write(file_meta_bytes(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, transfer_syntax_uid))
-
-
-# Start writing a fragment to disk as soon as it is written (Linux sync_file_range,
-# SYNC_FILE_RANGE_WRITE: asynchronous, a hint): the archive's fsync of the whole file,
-# which the acknowledgement waits for, then finds most of it already written.
-_SYNC_FILE_RANGE_WRITE = 2
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-except (OSError, AttributeError):  # not Linux
-    _sync_file_range = None
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    if _sync_file_range is not None and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 # --------------------------------------------------------------------------- command sets
