@@ -25,6 +25,7 @@ from storage.identity import AuditEntry
 from storage.attributes import UNIQUE_KEY
 
 from .datasets import ResponseBuilder, identifier_keys
+from .outbound import gets_stored_files, moves_stored_files, prefer_requested_syntaxes_for_get, read_ahead
 from .statuses import FIND_STATUS, RETRIEVE_STATUS, STORE_STATUS, status_for
 
 log = logging.getLogger("dicomnode.node")
@@ -116,6 +117,8 @@ def handle_requested(event: Event, ctx: NodeContext) -> None:
         _audit(ctx, calling, host, None, "rejected", f"called AE title {called!r} is not ours")
         ctx.archive.metrics.inc("dicomnode_associations_total", outcome="rejected")
         _reject(assoc, 0x07)
+        return
+    prefer_requested_syntaxes_for_get(assoc)
 
 
 def _reject(assoc, diagnostic: int) -> None:
@@ -288,16 +291,19 @@ def handle_move(event: Event, ctx: NodeContext) -> Iterator[Any]:
         yield status, None
         return
     contexts = storage_contexts(instances)
-    yield target.host, target.port, {
-        "contexts": contexts,
-        "evt_handlers": [(evt.EVT_CONN_OPEN, handle_conn_open)],
-    }
+    as_stored = moves_stored_files(event.assoc.ae)
+    if as_stored:
+        # node/outbound.py: the stored files' dataset bytes, over a synchronous association
+        options: dict[str, Any] = {"contexts": contexts, "outbound": True}
+    else:
+        options = {"contexts": contexts, "evt_handlers": [(evt.EVT_CONN_OPEN, handle_conn_open)]}
+    yield target.host, target.port, options
     log.info(
         "C-MOVE from %s@%s: %d instance(s) to %s (%s:%d)", peer.calling_ae, peer.address,
         len(instances), destination, target.host, target.port,
     )
     yield len(instances)
-    yield from _send_each(event, ctx, instances)
+    yield from _send_each(event, ctx, instances, as_stored=as_stored)
 
 
 def handle_get(event: Event, ctx: NodeContext) -> Iterator[Any]:
@@ -314,17 +320,22 @@ def handle_get(event: Event, ctx: NodeContext) -> Iterator[Any]:
         return
     log.info("C-GET from %s@%s: %d instance(s)", peer.calling_ae, peer.address, len(instances))
     yield len(instances)
-    yield from _send_each(event, ctx, instances)
+    yield from _send_each(event, ctx, instances, as_stored=gets_stored_files(event.assoc))
 
 
-def _send_each(event: Event, ctx: NodeContext, instances: list) -> Iterator[tuple[int, Dataset | None]]:
+def _send_each(event: Event, ctx: NodeContext, instances: list, as_stored: bool = False,
+               ) -> Iterator[tuple[int, Dataset | None]]:
+    """The sub-operations: each instance as a :class:`~node.outbound.StoredFile` (its
+    file's bytes, sent as they are; the next file read meanwhile) when ``as_stored``,
+    else as a pydicom dataset."""
     cancelled = CancelLatch(event)
-    for stored in instances:
+    reads = read_ahead(ctx.archive, instances) if as_stored else ((stored, None) for stored in instances)
+    for stored, pending in reads:
         if cancelled():
             yield 0xFE00, None
             return
         try:
-            ds = ctx.archive.read_dataset(stored)
+            ds = pending.result() if pending is not None else ctx.archive.read_dataset(stored)
         except (ArchiveError, OSError, pydicom.errors.InvalidDicomError) as exc:
             log.error("cannot read stored instance %s: %s", stored.sop_instance_uid, exc)
             # pynetdicom counts a pending yield that is not a Dataset as a failed
@@ -335,23 +346,21 @@ def _send_each(event: Event, ctx: NodeContext, instances: list) -> Iterator[tupl
 
 
 def storage_contexts(instances: list) -> list:
-    """Presentation contexts to offer a move destination: each SOP class with its
-    stored transfer syntax, plus the uncompressed ones pydicom can convert to."""
-    wanted: dict[str, list[str]] = {}
-    for stored in instances:
-        syntaxes = wanted.setdefault(stored.sop_class_uid, [])
-        ts = stored.transfer_syntax_uid
-        for candidate in (ts, *UNCOMPRESSED) if pydicom.uid.UID(ts).is_compressed is False else (ts,):
-            if candidate not in syntaxes:
-                syntaxes.append(candidate)
-    contexts = []
-    for sop_class, syntaxes in wanted.items():
-        uncompressed = [s for s in syntaxes if not pydicom.uid.UID(s).is_compressed]
-        compressed = [s for s in syntaxes if pydicom.uid.UID(s).is_compressed]
-        if uncompressed:
-            contexts.append(build_context(sop_class, uncompressed))
-        for ts in compressed:
-            contexts.append(build_context(sop_class, [ts]))
+    """Presentation contexts to offer a move destination: each SOP class in each of its
+    stored transfer syntaxes alone (the destination accepts that one if it can, and the
+    stored bytes go out as they are), then, for SOP classes stored uncompressed, one
+    with the uncompressed syntaxes pydicom can re-encode to."""
+    stored: dict[str, list[str]] = {}
+    for instance in instances:
+        syntaxes = stored.setdefault(instance.sop_class_uid, [])
+        if instance.transfer_syntax_uid not in syntaxes:
+            syntaxes.append(instance.transfer_syntax_uid)
+    contexts = [build_context(sop_class, [ts]) for sop_class, syntaxes in stored.items() for ts in syntaxes]
+    contexts += [
+        build_context(sop_class, list(UNCOMPRESSED))
+        for sop_class, syntaxes in stored.items()
+        if any(not pydicom.uid.UID(ts).is_compressed for ts in syntaxes)
+    ]
     if len(contexts) > MAX_CONTEXTS:
         log.warning("C-MOVE needs %d presentation contexts; offering the first %d", len(contexts), MAX_CONTEXTS)
         contexts = contexts[:MAX_CONTEXTS]

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -24,7 +24,7 @@ from storage import Archive
 from . import handlers as h
 from . import worklist as wl
 from .datasets import install_identifier_encoder
-from .reactor import EventDrivenRequestHandler
+from .outbound import NodeAE, RetrieveRequestHandler
 
 log = logging.getLogger("dicomnode.node")
 
@@ -82,10 +82,12 @@ class DicomNode:
     def start(self) -> None:
         ae = self.settings.ae
         # pynetdicom's AE.start_server(block=False), with the event-driven acceptor
-        # associations of node/reactor.py (pynetdicom's own request_handler argument).
+        # associations of node/reactor.py, extended for C-MOVE/C-GET responses and
+        # C-GET sub-operations by node/outbound.py (pynetdicom's own request_handler
+        # argument).
         server = self.ae.make_server(
             (ae.host, ae.port), ae_title=ae.title, evt_handlers=self.handlers(),
-            server_class=ThreadedAssociationServer, request_handler=EventDrivenRequestHandler,
+            server_class=ThreadedAssociationServer, request_handler=RetrieveRequestHandler,
         )
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
         thread.start()
@@ -123,7 +125,7 @@ class DicomNode:
         log.info("DIMSE node stopped")
 
 
-def build_ae(settings: Settings) -> AE:
+def build_ae(settings: Settings) -> NodeAE:
     # Received C-STORE datasets go straight to a file as their PDUs arrive, which the
     # archive takes over (no bytes object of the whole dataset, no copy). pynetdicom's
     # documented switch; it is process-wide, and the store handler accepts both ways.
@@ -133,7 +135,7 @@ def build_ae(settings: Settings) -> AE:
     # when its debug log is on.
     _config.LOG_RESPONSE_IDENTIFIERS = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
     install_identifier_encoder()
-    ae = AE(ae_title=settings.ae.title)
+    ae = NodeAE(ae_title=settings.ae.title)  # C-MOVE sub-operations: node/outbound.py
     ae.maximum_associations = settings.ae.max_associations
     ae.maximum_pdu_size = settings.ae.max_pdu_size
     ae.acse_timeout = settings.ae.acse_timeout_s
