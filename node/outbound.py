@@ -645,6 +645,7 @@ class RetrieveAssociation(EventDrivenAssociation):
     converts between uncompressed syntaxes)."""
 
     sends_stored_files = True
+    dimse_class = RetrieveDIMSE
 
     def send_c_store(self, dataset: Any, msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
                      originator_id: int | None = None) -> Dataset:
@@ -741,13 +742,6 @@ def prefer_requested_syntaxes_for_get(assoc: Any) -> None:
 
 class RetrieveRequestHandler(EventDrivenRequestHandler):
     """node/reactor.py's request handler, whose acceptor associations are
-    :class:`RetrieveAssociation` with :class:`RetrieveDIMSE` as DIMSE provider. Both
-    subclass node/reactor.py's classes and add methods only; they are swapped in
-    before the association starts, and only over the very classes they extend."""
+    :class:`RetrieveAssociation` with :class:`RetrieveDIMSE` as DIMSE provider."""
 
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        if type(assoc) is EventDrivenAssociation and type(assoc.dimse) is EventDrivenDIMSE:
-            assoc.__class__ = RetrieveAssociation
-            assoc.dimse = RetrieveDIMSE(assoc)
-        return assoc
+    association_class = RetrieveAssociation

@@ -356,10 +356,12 @@ def quiet_dimse_sent_handler(event: Any) -> list[str]:
 class EventDrivenAssociation(Association):
     """An acceptor association whose threads wait on events, not on sleeps."""
 
+    dimse_class: type = EventDrivenDIMSE
+
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
         self.dul = EventDrivenDUL(self)
-        self.dimse = EventDrivenDIMSE(self)
+        self.dimse = self.dimse_class(self)
         self.quiet_find_logging()
 
     def run(self) -> None:
@@ -458,8 +460,10 @@ class EventDrivenRequestHandler(RequestHandler):
     (the body of pynetdicom 3.0.4's ``RequestHandler._create_association`` with the
     class swapped)."""
 
+    association_class: type = EventDrivenAssociation
+
     def _create_association(self) -> Association:
-        assoc = EventDrivenAssociation(self.ae, MODE_ACCEPTOR)
+        assoc = self.association_class(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.set_socket(BulkRecvSocket(assoc, client_socket=self.request))
