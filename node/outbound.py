@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,7 +44,6 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom._handlers import standard_pdu_sent_handler
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
@@ -62,6 +60,7 @@ from pynetdicom.transport import AddressInformation
 
 from storage import Archive, StoredInstance
 
+from .pdata import UNLIMITED_FRAGMENT, append_pdvs, max_fragment, send_buffers, writable_socket, write_or_close
 from .reactor import EventDrivenAssociation, EventDrivenDIMSE, EventDrivenRequestHandler
 
 log = logging.getLogger("dicomnode.node")
@@ -70,8 +69,6 @@ _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 # explicit VR with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-UNLIMITED_FRAGMENT = 1 << 20  # PDV size when the peer sets no maximum PDU length
-_IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
 # PDU types (PS3.8 9.3)
 ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
 _RELEASE_RQ_PDU = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
@@ -317,8 +314,8 @@ class StoreRequestor:
         context_id, data = self._payload(dataset, sop_class)
         command = c_store_rq(msg_id, sop_class, sop_instance, priority, originator_aet, originator_id)
         buffers: list = []
-        _append_pdvs(buffers, context_id, command, True, self.max_fragment)
-        _append_pdvs(buffers, context_id, memoryview(data), False, self.max_fragment)
+        append_pdvs(buffers, context_id, command, True, self.max_fragment)
+        append_pdvs(buffers, context_id, memoryview(data), False, self.max_fragment)
         try:
             self._send_buffers(buffers)
             return self._read_response(msg_id)
@@ -452,23 +449,6 @@ class StoreRequestor:
 # ---------------------------------------------------------------- encoding
 
 
-def send_buffers(sock: socket.socket, buffers: list) -> None:
-    """All of ``buffers``, in order, with as few copies and calls as the kernel allows."""
-    buffers = list(buffers)
-    while buffers:
-        sent = sock.sendmsg(buffers[:_IOV_MAX])
-        while buffers and sent >= len(buffers[0]):
-            sent -= len(buffers[0])
-            buffers.pop(0)
-        if sent:
-            buffers[0] = memoryview(buffers[0])[sent:]
-
-
-def _max_fragment(max_pdu: int) -> int:
-    """The largest PDV fragment for a peer's maximum PDU length (0: unlimited)."""
-    return max_pdu - 6 if max_pdu > 6 else UNLIMITED_FRAGMENT
-
-
 def _pdu(pdu_type: int, body: bytes) -> bytes:
     """A PDU whole again (pynetdicom's PDU classes decode header and body)."""
     return struct.pack(">BBI", pdu_type, 0, len(body)) + body
@@ -479,21 +459,6 @@ def _encode(dataset: Dataset, ts: UID) -> bytes:
     if data is None:
         raise ValueError(f"cannot encode {dataset.get('SOPInstanceUID', 'the dataset')} in {ts.name}")
     return data
-
-
-def _append_pdvs(out: list, context_id: int, value: bytes | memoryview, command: bool, max_fragment: int) -> None:
-    """``value`` as P-DATA-TF PDUs of one PDV each (PS3.8 9.3.5, E.2): headers and
-    slices of ``value`` (not copied) appended to ``out``."""
-    total, pos = len(value), 0
-    flag = 0x01 if command else 0x00
-    while True:
-        size = min(max_fragment, total - pos)
-        last = pos + size >= total
-        out.append(struct.pack(">BBIIBB", P_DATA_TF, 0, size + 6, size + 2, context_id, flag | (0x02 if last else 0)))
-        out.append(value[pos:pos + size])
-        pos += size
-        if last:
-            return
 
 
 def command_fields(command: bytes | bytearray) -> dict[int, int | bytes]:
@@ -564,38 +529,6 @@ def c_store_rq(msg_id: int, sop_class: str, sop_instance: str, priority: int = 2
 _RSP_COMMAND_FIELD = {C_MOVE: 0x8021, C_GET: 0x8010}
 
 
-def writable_socket(assoc: Any) -> socket.socket | None:
-    """The acceptor association's TCP socket, when the thread serving a C-MOVE or C-GET
-    may write its messages (C-STORE requests, pending responses) to it directly instead
-    of handing each PDU to the DUL thread: the association is established (Sta6), the
-    DUL has nothing queued to send, and nobody listens to the PDU/data sent events but
-    pynetdicom's quiet standard handler. Then no other writer exists: during a
-    retrieve only its serving thread produces messages, and the peer sent the request
-    only after the previous response had reached it. Not for TLS (``sendmsg``)."""
-    dul = assoc.dul
-    sock = getattr(dul.socket, "socket", None)
-    if sock is None or isinstance(sock, ssl.SSLSocket) or not assoc.is_established:
-        return None
-    if dul.to_provider_queue.qsize() or dul.state_machine.current_state != "Sta6":
-        return None
-    if _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG) or assoc.get_handlers(evt.EVT_DATA_SENT):
-        return None
-    if any(h is not standard_pdu_sent_handler for h, _ in assoc.get_handlers(evt.EVT_PDU_SENT)):
-        return None
-    return sock
-
-
-def _write_or_close(assoc: Any, sock: socket.socket, buffers: list) -> bool:
-    """Write ``buffers``; on a broken connection tell the DUL (Evt17, as pynetdicom's
-    socket does) and return False."""
-    try:
-        send_buffers(sock, buffers)
-        return True
-    except OSError:
-        assoc.dul.event_queue.put("Evt17")
-        return False
-
-
 class RetrieveDIMSE(EventDrivenDIMSE):
     """node/reactor.py's DIMSE provider, also encoding the pending C-MOVE and C-GET
     responses (one per sub-operation) by hand: pynetdicom builds and encodes their
@@ -623,8 +556,8 @@ class RetrieveDIMSE(EventDrivenDIMSE):
             sock = writable_socket(self.assoc)
             if sock is not None:
                 buffers: list = []
-                _append_pdvs(buffers, context_id, command, True, _max_fragment(self.maximum_pdu_size))
-                _write_or_close(self.assoc, sock, buffers)
+                append_pdvs(buffers, context_id, command, True, max_fragment(self.maximum_pdu_size))
+                write_or_close(self.assoc, sock, buffers)
                 return
             fragments = list(DIMSEMessage._generate_pdv_fragments(command, self.maximum_pdu_size))
             for n, fragment in enumerate(fragments):
@@ -660,7 +593,7 @@ class RetrieveAssociation(EventDrivenAssociation):
                      sop_instance, self.requestor.ae_title, dataset.transfer_syntax.name)
             return super().send_c_store(dataset.decoded(), msg_id, priority, originator_aet, originator_id)
         command = c_store_rq(msg_id, sop_class, sop_instance, priority, originator_aet, originator_id)
-        max_fragment = _max_fragment(self.dimse.maximum_pdu_size)
+        fragment_size = max_fragment(self.dimse.maximum_pdu_size)
         # as pynetdicom's send_c_store: the association reactor must not take the response
         self._reactor_checkpoint.clear()
         while not self._is_paused:
@@ -669,12 +602,12 @@ class RetrieveAssociation(EventDrivenAssociation):
             sock = writable_socket(self)
             if sock is not None:
                 buffers: list = []
-                _append_pdvs(buffers, context_id, command, True, max_fragment)
-                _append_pdvs(buffers, context_id, dataset.data, False, max_fragment)
-                if not _write_or_close(self, sock, buffers):
+                append_pdvs(buffers, context_id, command, True, fragment_size)
+                append_pdvs(buffers, context_id, dataset.data, False, fragment_size)
+                if not write_or_close(self, sock, buffers):
                     raise AssociationFailed(f"the connection to {self.requestor.ae_title} broke")
             else:
-                self._send_through_dul(context_id, command, dataset.data, max_fragment)
+                self._send_through_dul(context_id, command, dataset.data, fragment_size)
             _, rsp = self.dimse.get_msg(block=True)
         finally:
             self._reactor_checkpoint.set()

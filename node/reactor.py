@@ -47,6 +47,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from .pdata import append_pdvs, max_fragment, writable_socket, write_or_close
 from .store_receipt import StoreReceipt, read_command_fields, store_request, store_rsp_command
 
 _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
@@ -325,6 +326,13 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
 
     def _send_fragments(self, context_id: int, parts: tuple[tuple[bytes, int], ...]) -> None:
         max_pdu = self.maximum_pdu_size
+        sock = writable_socket(self.assoc)
+        if sock is not None:  # straight to the socket, no hand-over to the DUL thread
+            buffers: list = []
+            for value, header in parts:
+                append_pdvs(buffers, context_id, value, bool(header & 0x01), max_fragment(max_pdu))
+            write_or_close(self.assoc, sock, buffers)
+            return
         for value, header in parts:
             fragments = list(DIMSEMessage._generate_pdv_fragments(value, max_pdu))
             last = len(fragments) - 1
