@@ -103,15 +103,21 @@ class EventDrivenDUL(DULServiceProvider):
             self._sleeping = False
 
     def _select(self) -> None:
+        # poll(), not select(): select() fails for descriptors above 1023, which a
+        # busy node (many associations, HTTP clients, index files) reaches
         sock = getattr(self.socket, "socket", None)
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
         if isinstance(sock, ssl.SSLSocket):
-            select.select([self._wake_r], [], [], 0.001)  # TLS may buffer: keep polling
+            poller.poll(1)  # TLS may buffer: keep polling
         else:
-            waitables = [self._wake_r] if sock is None else [self._wake_r, sock]
+            fd = sock.fileno() if sock is not None else -1
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
             try:
-                select.select(waitables, [], [], POLL_S)
-            except (OSError, ValueError):  # the socket closed under us
-                select.select([self._wake_r], [], [], POLL_S)
+                poller.poll(POLL_S * 1000)
+            except OSError:  # the socket closed under us
+                pass
         try:
             while os.read(self._wake_r, 4096):
                 pass
@@ -445,7 +451,24 @@ class EventDrivenAssociation(Association):
 class BulkRecvSocket(AssociationSocket):
     """pynetdicom's association socket, reading a PDU in as few ``recv_into`` calls
     as the kernel allows instead of 4 KiB ``recv`` calls appended one by one (32 calls
-    and copies for a 128 KiB P-DATA-TF PDU)."""
+    and copies for a 128 KiB P-DATA-TF PDU), and asking whether data is waiting with
+    ``poll()`` instead of ``select()``, which fails for descriptors above 1023 (and
+    pynetdicom then takes the connection for closed)."""
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # as pynetdicom: the transport connection closed
+            return False
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket

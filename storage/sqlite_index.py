@@ -15,6 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,6 +405,10 @@ def _configure(conn: sqlite3.Connection) -> None:
 # --------------------------------------------------------------------------- index
 
 
+class _Reader(sqlite3.Connection):
+    """A reader connection; a Python subclass so that the index can track it weakly."""
+
+
 class SQLiteIndex:
     """Patient / study / series / instance index plus the blob journal."""
 
@@ -416,6 +421,8 @@ class SQLiteIndex:
         if self._writer.startup_error is not None:
             raise StorageFailure(f"cannot open the index {self.path}: {self._writer.startup_error}")
         self._local = threading.local()
+        self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()  # a dead thread's goes with it
+        self._readers_lock = threading.Lock()
         self._closed = False
 
     # -- plumbing
@@ -437,10 +444,12 @@ class SQLiteIndex:
     def reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, factory=_Reader)
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA query_only=ON")
             self._local.conn = conn
+            with self._readers_lock:
+                self._readers.add(conn)
         return conn
 
     def close(self) -> None:
@@ -449,6 +458,15 @@ class SQLiteIndex:
         self._closed = True
         self._writer.jobs.put(None)
         self._writer.join(timeout=30)
+        # The readers of threads that live on (pools) would keep their files open
+        with self._readers_lock:
+            readers = list(self._readers)
+            self._readers.clear()
+        for conn in readers:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
 
     # -- journal
     def journal_add(self, blob_key: str, action: str) -> int:

@@ -100,3 +100,35 @@ def test_bulk_recv_socket_reads_exactly_the_bytes_asked_for_and_stops_short_at_c
         sender.join(5)
     finally:
         left.close()
+
+
+def test_associations_work_when_their_sockets_are_numbered_above_1023(node, tmp_path):
+    # select() cannot watch descriptors above 1023; a busy node reaches them
+    import os
+    import resource
+
+    from tests.conftest import dcmtk
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        import pytest
+
+        pytest.skip(f"the open-file limit ({hard}) is too low to reach descriptor 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    filler = []
+    try:
+        while True:
+            fd = os.open(os.devnull, os.O_RDONLY)
+            filler.append(fd)
+            if fd > 1100:
+                break
+        ds = corpus.ct_series(1)[0]
+        path = tmp_path / "one.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        dcmtk("echoscu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), check=True)
+        dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path), check=True)
+        assert node.archive.instances(sop_instance_uids=(ds.SOPInstanceUID,))
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
