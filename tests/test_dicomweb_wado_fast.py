@@ -13,6 +13,7 @@ from pydicom.uid import RLELossless
 
 from dicomweb import rs_common
 from tests import corpus
+from tests.conftest import NodeThread, make_settings
 from tests.dicomweb_http import DICOM_ALL, encoded, split_multipart, stow_datasets
 
 
@@ -31,6 +32,14 @@ def _expected_body(node, response, stored) -> bytes:
                 f"Content-Location: {location}\r\n\r\n").encode()
         out += node.archive.instance_path(item).read_bytes() + b"\r\n"
     return out + f"--{boundary}--\r\n".encode()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """One node for the module (each test stores its own study)."""
+    running = NodeThread(make_settings(tmp_path_factory.mktemp("wado-fast") / "data")).start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture
