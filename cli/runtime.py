@@ -12,9 +12,11 @@ from aiohttp import web
 
 from config import Settings
 from dicomweb import create_app
+from dicomweb.wado import metadata_prefill
 from node import DicomNode
 from storage import Archive, ArchiveError
 from storage.inbox import Inbox
+from storage.metadata_cache import MetadataPrefill
 
 log = logging.getLogger("dicomnode")
 
@@ -47,6 +49,7 @@ class Running:
     runner: web.AppRunner
     inbox: Inbox | None
     http_port: int
+    metadata_prefill: MetadataPrefill | None = None
 
     async def stop(self, grace_s: float = 30.0) -> None:
         log.info("shutting down: no new associations or requests")
@@ -54,6 +57,8 @@ class Running:
         await asyncio.get_running_loop().run_in_executor(None, self.node.stop, grace_s)
         if self.inbox is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.inbox.stop)
+        if self.metadata_prefill is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.metadata_prefill.close)
         self.archive.close()
         log.info("stopped cleanly")
 
@@ -70,10 +75,13 @@ async def start(settings: Settings) -> Running:
     started = time.perf_counter()
     archive = open_archive(settings)
     archive.start_stability_monitor()
+    # builds /metadata cache entries of new instances in the background
+    prefill = metadata_prefill(archive).subscribe()
     node = DicomNode(settings, archive)
     try:
         node.start()
     except OSError as exc:
+        prefill.close()
         archive.close()
         raise _port_error("DIMSE", settings.ae.host, settings.ae.port, exc, "[ae] port", "--ae-port") from exc
     app = create_app(settings, archive)
@@ -85,6 +93,7 @@ async def start(settings: Settings) -> Running:
     except OSError as exc:
         await runner.cleanup()
         await asyncio.get_running_loop().run_in_executor(None, node.stop, 0)
+        prefill.close()
         archive.close()
         raise _port_error("HTTP", settings.http.host, settings.http.port, exc, "[http] port",
                           "--http-port") from exc
@@ -98,6 +107,7 @@ async def start(settings: Settings) -> Running:
             inbox.stop()
             await runner.cleanup()
             await asyncio.get_running_loop().run_in_executor(None, node.stop, 0)
+            prefill.close()
             archive.close()
             raise StartupError(
                 f"cannot watch the inbox {settings.inbox.path}: {exc}. Check [inbox] path in ae.toml: "
@@ -109,7 +119,7 @@ async def start(settings: Settings) -> Running:
         time.perf_counter() - started, settings.ae.title, settings.ae.host, node.port,
         settings.http.host, http_port, settings.storage.path, counts["instances"],
     )
-    return Running(settings, archive, node, runner, inbox, http_port)
+    return Running(settings, archive, node, runner, inbox, http_port, prefill)
 
 
 async def serve_forever(settings: Settings) -> None:

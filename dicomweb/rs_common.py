@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import io
 import json
 import os
 import uuid
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import orjson
 from aiohttp import web
 
-from storage import Archive, StoredInstance
+from storage import Archive, NotFound, StoredInstance
 from storage.uids import is_valid_uid
 
 from .auth import principal
@@ -269,18 +270,150 @@ class MultipartStream:
 
 async def send_file(request: web.Request, archive: Archive, stored: StoredInstance,
                     headers: dict[str, str]) -> web.StreamResponse:
-    """A stored file as the whole body, streamed from disk in chunks."""
+    """A stored file as the whole body, with its Content-Length, sent by the kernel
+    (``sendfile``) where the connection allows, else in large chunks."""
     response = web.StreamResponse(headers=headers)
     fh = await run_blocking(request, archive.open_instance, stored)
     try:
-        response.content_length = await run_blocking(request, lambda: os.fstat(fh.fileno()).st_size)
+        size = await run_blocking(request, _file_size, fh)
+        if size is None:
+            size = stored.size
+        response.content_length = size
         await response.prepare(request)
-        while chunk := await run_blocking(request, fh.read, CHUNK):
-            await response.write(chunk)
+        if request.method != "HEAD":
+            await _send_body(request, response, fh, size, _can_sendfile(request, response))
     finally:
-        await run_blocking(request, fh.close)
+        fh.close()  # a read-only file: closing does not block
     await response.write_eof()
     return response
+
+
+# ``AIOHTTP_NOSENDFILE`` turns sendfile off in aiohttp's FileResponse; honoured here too.
+_NOSENDFILE = bool(os.environ.get("AIOHTTP_NOSENDFILE"))
+_READ_AHEAD = 8  # files opened ahead of the one being sent
+BIG_CHUNK = 4 << 20  # bytes per executor read when sendfile cannot be used
+
+
+def _file_size(fh: Any) -> int | None:
+    try:
+        return os.fstat(fh.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+def _can_sendfile(request: web.Request, response: web.StreamResponse) -> bool:
+    """The kernel may copy file bytes straight to the socket only when what goes on the
+    wire is the file itself: no chunked framing, no compression, no TLS."""
+    transport = request.transport
+    return (not _NOSENDFILE and transport is not None and not response.chunked and not response.compression
+            and transport.get_extra_info("sslcontext") is None)
+
+
+async def _send_body(request: web.Request, response: web.StreamResponse, fh: Any, size: int,
+                     sendfile: bool) -> None:
+    """``size`` bytes of ``fh`` from its start into the response."""
+    if sendfile and size and _file_size(fh) is not None:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        try:
+            await asyncio.get_running_loop().sendfile(transport, fh, 0, size)
+            return
+        except NotImplementedError:  # sendfile_fallback does it below
+            pass
+    fh.seek(0)
+    left = size
+    while left > 0:
+        chunk = await run_blocking(request, fh.read, min(BIG_CHUNK, left))
+        if not chunk:
+            raise ConnectionResetError("a stored file is shorter than its recorded size")
+        left -= len(chunk)
+        await response.write(chunk)
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """One part of a multipart response that is a whole stored file of known size."""
+
+    content_type: str
+    stored: StoredInstance
+    size: int
+    location: str | None = None
+
+
+async def send_multipart_files(request: web.Request, archive: Archive, part_type: str, headers: dict[str, str],
+                               parts: list[FilePart]) -> web.StreamResponse:
+    """A ``multipart/related`` response of whole stored files, byte for byte what
+    :class:`MultipartStream` writes, but with a Content-Length (the sizes are known) so
+    that each file body can go by ``sendfile``: the part headers are written between.
+    Files are opened a few ahead in the thread pool and closed as soon as sent, also when
+    the client goes away mid-stream."""
+    boundary = uuid.uuid4().hex
+    heads = []
+    for part in parts:
+        head = f"--{boundary}\r\nContent-Type: {part.content_type}\r\n"
+        if part.location:
+            head += f"Content-Location: {part.location}\r\n"
+        heads.append((head + "\r\n").encode())
+    closing = f"--{boundary}--\r\n".encode()
+    response = web.StreamResponse(headers=headers)
+    response.headers["Content-Type"] = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    response.content_length = sum(len(h) + p.size + 2 for h, p in zip(heads, parts)) + len(closing)
+    await response.prepare(request)
+    if request.method == "HEAD":
+        await response.write_eof()
+        return response
+    sendfile = _can_sendfile(request, response)
+    loop = asyncio.get_running_loop()
+    executor = request.app[EXECUTOR]
+    pending: list[asyncio.Future] = []
+
+    def open_next(position: int) -> None:
+        if position < len(parts):
+            pending.append(loop.run_in_executor(executor, _open_sized, archive, parts[position]))
+
+    for position in range(min(_READ_AHEAD, len(parts))):
+        open_next(position)
+    try:
+        separator = b""
+        for position, (head, part) in enumerate(zip(heads, parts)):
+            opening = pending.pop(0)
+            try:
+                fh = await asyncio.shield(opening)  # cancelled here, the file is still closed below
+            except NotFound as exc:  # deleted since it was listed; the headers are out: hang up
+                raise ConnectionResetError(str(exc)) from exc
+            except BaseException:
+                opening.add_done_callback(_close_result)
+                raise
+            try:
+                open_next(position + _READ_AHEAD)
+                await response.write(separator + head)
+                await _send_body(request, response, fh, part.size, sendfile)
+            finally:
+                fh.close()
+            separator = b"\r\n"
+        await response.write(separator + closing)
+    finally:
+        for future in pending:  # opened ahead, never sent: close them once open
+            future.add_done_callback(_close_result)
+    await response.write_eof()
+    return response
+
+
+def _open_sized(archive: Archive, part: FilePart) -> Any:
+    """Open a part's file and check it still has the size announced in Content-Length."""
+    fh = archive.open_instance(part.stored)
+    size = _file_size(fh)
+    if size is not None and size != part.size:
+        fh.close()
+        raise ConnectionResetError(
+            f"the file of instance {part.stored.sop_instance_uid} changed while it was being sent")
+    return fh
+
+
+def _close_result(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 # --------------------------------------------------------------------------- validators
@@ -288,20 +421,33 @@ async def send_file(request: web.Request, archive: Archive, stored: StoredInstan
 
 def validators(archive: Archive, stored: list[StoredInstance], variant: str = "") -> dict[str, str]:
     """ETag and Last-Modified of a set of stored files (runs in the executor)."""
+    return validators_and_sizes(archive, stored, variant)[0]
+
+
+def validators_and_sizes(archive: Archive, stored: list[StoredInstance],
+                         variant: str = "") -> tuple[dict[str, str], list[int] | None]:
+    """:func:`validators`, and the size of each file as it is on disk now (None when a
+    file is missing or not local: its size is then not known for sure)."""
     digest = hashlib.sha256(variant.encode())
     newest = 0.0
+    sizes: list[int] | None = []
     for item in stored:
         path = archive.instance_path(item)
         try:
-            mtime = os.stat(path).st_mtime if path is not None else 0.0
+            st = os.stat(path) if path is not None else None
         except FileNotFoundError:
-            mtime = 0.0
+            st = None
+        mtime = st.st_mtime if st is not None else 0.0
+        if st is None:
+            sizes = None
+        elif sizes is not None:
+            sizes.append(st.st_size)
         newest = max(newest, mtime)
         digest.update(f"{item.sop_instance_uid}:{item.blob_key}:{item.size}:{mtime}\n".encode())
     headers = {"ETag": f'"{digest.hexdigest()[:32]}"'}
     if newest:
         headers["Last-Modified"] = formatdate(newest, usegmt=True)
-    return headers
+    return headers, sizes
 
 
 def not_modified(request: web.Request, headers: dict[str, str]) -> bool:

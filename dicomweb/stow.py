@@ -2,12 +2,14 @@
 ``multipart/related; type="application/dicom"`` body.
 
 The body is read as a stream: each part goes chunk by chunk into an archive temp file,
-so memory stays flat however large the request. Only when the whole body has arrived
+so memory stays flat however large the request (the multipart framing is parsed here,
+with large reads and ``bytes.find``, rather than line by line). Only when the whole body has arrived
 (closing boundary seen) are the parts handed to the one ingest path; a truncated or
 malformed body is refused with 400 and nothing of it is stored.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,9 @@ from storage import (
 from storage.uids import is_valid_uid
 
 from .auth import principal, requires
-from .keys import SETTINGS
+from .keys import EXECUTOR, SETTINGS
 from .rs_common import (
-    CHUNK, archive_of, dicom_json_response, instance_url, parse_media_type, path_uid, run_blocking, study_url,
+    archive_of, dicom_json_response, instance_url, parse_media_type, path_uid, run_blocking, study_url,
 )
 
 log = logging.getLogger("dicomnode.stow")
@@ -49,6 +51,8 @@ class ReceivedPart:
 
     temp: Path | None
     refusal: str = ""
+    size: int = 0
+    uids: tuple[str, str] = ("", "")  # SOP class and instance UIDs, if it has them
 
 
 @dataclass
@@ -79,7 +83,7 @@ async def _store(request: web.Request, expected_study: str | None) -> web.Respon
     parts = await _receive_parts(request, archive)
     who = principal(request)
     source = Source("http", who.subject, request.remote or "", who.storing_organization)
-    outcomes = await run_blocking(request, _ingest_all, archive, parts, source, expected_study)
+    outcomes = await _ingest_all(request, archive, parts, source, expected_study)
     return _response(request, outcomes)
 
 
@@ -98,46 +102,144 @@ def _check_content_type(request: web.Request) -> None:
         raise web.HTTPBadRequest(text="the multipart/related Content-Type has no boundary parameter")
 
 
+# Reading the body: large reads from the socket buffer, boundaries found with
+# bytes.find, each part's bytes gathered up to FLUSH_BYTES and written to its temp file
+# in one executor call (a typical instance: new temp, write, close in a single call).
+READ_BYTES = 1 << 20
+FLUSH_BYTES = 4 << 20
+MAX_PART_HEADERS = 16 << 10
+# Parts of one request stored at once (each in the thread pool): their fsyncs and
+# index commits overlap (the archive group-commits the index) instead of queueing.
+# Ingest may hold an instance in memory while parsing it: parts are stored together
+# only while their sizes add up to STORE_BYTES_TOGETHER (a larger part goes alone).
+STORE_CONCURRENCY = 4
+STORE_BYTES_TOGETHER = 64 << 20
+
+
+class _StoreBudget:
+    """At most ``slots`` stores at once, and together at most ``nbytes`` (one always may)."""
+
+    def __init__(self, slots: int, nbytes: int) -> None:
+        self.slots, self.nbytes = slots, nbytes
+        self.busy, self.used = 0, 0
+        self.changed = asyncio.Condition()
+
+    async def acquire(self, size: int) -> None:
+        async with self.changed:
+            await self.changed.wait_for(
+                lambda: self.busy == 0 or (self.busy < self.slots and self.used + size <= self.nbytes))
+            self.busy += 1
+            self.used += size
+
+    async def release(self, size: int) -> None:
+        async with self.changed:
+            self.busy -= 1
+            self.used -= size
+            self.changed.notify_all()
+
+
+class _Body:
+    """The request body as a buffer refilled in large reads, counting against the limit."""
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        self.content = request.content
+        self.limit = limit
+        self.received = 0
+        self.buf = bytearray()
+        self.eof = False
+
+    async def fill(self) -> None:
+        """Read more into ``buf``; at the end of the body set ``eof``."""
+        chunk = await self.content.read(READ_BYTES)
+        if not chunk:
+            self.eof = True
+            return
+        self.received += len(chunk)
+        if self.received > self.limit:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=self.limit, actual_size=self.received,
+                text=f"the request exceeds [http] max_request_mb = {self.limit >> 20}; nothing was stored",
+            )
+        self.buf += chunk
+
+
+class _PartSink:
+    """One part's bytes on their way to its archive temp file (None: read and dropped)."""
+
+    def __init__(self, request: web.Request, archive: Archive, keep: bool) -> None:
+        self.request = request
+        self.archive = archive
+        self.keep = keep
+        self.pending: list[bytes] = []
+        self.size = 0
+        self.total = 0
+        self.fh = None
+        self.temp: Path | None = None
+        self.uids = ("", "")
+
+    async def write(self, data: bytes) -> None:
+        if not self.keep or not data:
+            return
+        self.pending.append(data)
+        self.size += len(data)
+        self.total += len(data)
+        if self.size >= FLUSH_BYTES:
+            await run_blocking(self.request, self._flush, False)
+
+    async def close(self) -> Path | None:
+        if self.keep:
+            await run_blocking(self.request, self._flush, True)
+        return self.temp
+
+    def _flush(self, last: bool) -> None:
+        if self.fh is None:
+            self.fh, self.temp = self.archive.new_temp()
+        data, self.pending, self.size = self.pending, [], 0
+        try:
+            self.fh.writelines(data)
+        finally:
+            if last:
+                self.fh.close()
+        if last:  # while the file is in the page cache; the next part keeps arriving meanwhile
+            self.uids = _peek_uids(self.temp)
+
+    def abandon(self) -> None:
+        """Close the temp file (runs in the executor; the temp is discarded by the caller)."""
+        if self.fh is not None:
+            self.fh.close()
+
+
 async def _receive_parts(request: web.Request, archive: Archive) -> list[ReceivedPart]:
     """Write every application/dicom part to its own temp file; on any error discard them all."""
     limit = request.app[SETTINGS].http.max_request_mb * 1024 * 1024
-    received = 0
+    boundary = parse_media_type(request.headers.get("Content-Type")).params["boundary"].encode("latin-1")
     parts: list[ReceivedPart] = []
+    sink: _PartSink | None = None
     try:
-        reader = await request.multipart()
+        body = _Body(request, limit)
+        await _skip_preamble(body, b"--" + boundary)
+        delimiter = b"\r\n--" + boundary
         while True:
-            part = await reader.next()
-            if part is None:
-                break
-            if not hasattr(part, "read_chunk"):
+            if not await _after_delimiter(body):
+                break  # the closing delimiter: the whole body is here
+            part_type = await _part_headers(body)
+            if part_type.startswith("multipart/"):
                 raise web.HTTPBadRequest(text="nested multipart bodies are not accepted; send one part per instance")
-            part_type = part.headers.get("Content-Type", DICOM).split(";")[0].strip().lower()
-            fh, temp = None, None
-            if part_type == DICOM:
-                fh, temp = await run_blocking(request, archive.new_temp)
-                parts.append(ReceivedPart(temp))
-            else:
-                parts.append(ReceivedPart(None, f"a part of type {part_type!r}: only application/dicom parts are stored"))
-            try:
-                while True:
-                    chunk = await part.read_chunk(CHUNK)
-                    if not chunk:
-                        break
-                    received += len(chunk)
-                    if received > limit:
-                        raise web.HTTPRequestEntityTooLarge(
-                            max_size=limit, actual_size=received,
-                            text=f"the request exceeds [http] max_request_mb = {limit >> 20}; nothing was stored",
-                        )
-                    if fh is not None:
-                        await run_blocking(request, fh.write, chunk)
-            finally:
-                if fh is not None:
-                    await run_blocking(request, fh.close)
+            keep = part_type == DICOM
+            sink = _PartSink(request, archive, keep)
+            await _copy_until(body, delimiter, sink)
+            temp = await sink.close()
+            parts.append(ReceivedPart(temp, size=sink.total, uids=sink.uids) if keep else ReceivedPart(
+                None, f"a part of type {part_type!r}: only application/dicom parts are stored"))
+            sink = None
         if not parts:
             raise web.HTTPBadRequest(text="the multipart body holds no part; send one application/dicom part per instance")
         return parts
     except BaseException as exc:
+        if sink is not None:
+            if sink.temp is not None:
+                parts.append(ReceivedPart(sink.temp))
+            await run_blocking(request, sink.abandon)
         await run_blocking(request, _discard_all, archive, parts)
         if isinstance(exc, (ValueError, AssertionError, ConnectionError, HttpProcessingError)):
             log.warning("STOW from %s abandoned, nothing stored: %s", request.remote, exc or type(exc).__name__)
@@ -148,27 +250,141 @@ async def _receive_parts(request: web.Request, archive: Archive) -> list[Receive
         raise
 
 
+async def _skip_preamble(body: _Body, first: bytes) -> None:
+    """Drop everything up to and including the first delimiter (RFC 2046 5.1.1: at the
+    very start, or at the start of a line)."""
+    while True:
+        buf = body.buf
+        if buf.startswith(first):
+            del buf[:len(first)]
+            return
+        at = buf.find(b"\r\n" + first)
+        if at >= 0:
+            del buf[:at + 2 + len(first)]
+            return
+        if body.eof:
+            raise ValueError("no boundary delimiter in the body")
+        if len(buf) > len(first) + 2:
+            del buf[:len(buf) - len(first) - 2]  # keep what could start a delimiter
+        await body.fill()
+
+
+async def _after_delimiter(body: _Body) -> bool:
+    """After a delimiter: False for the closing one (``--``), True when a part follows
+    (its line end consumed, transport padding allowed before it)."""
+    while True:
+        buf = body.buf
+        if buf.startswith(b"--"):
+            return False
+        line_end = buf.find(b"\r\n")
+        if line_end >= 0:
+            if buf[:line_end].strip(b" \t"):
+                raise ValueError("unexpected bytes after a boundary delimiter")
+            del buf[:line_end + 2]
+            return True
+        if len(buf) > 1024:
+            raise ValueError("unexpected bytes after a boundary delimiter")
+        if body.eof:
+            raise ValueError("the body ends without its closing boundary")
+        await body.fill()
+
+
+async def _part_headers(body: _Body) -> str:
+    """Read a part's header block; the media type of its Content-Type (default DICOM)."""
+    while True:
+        buf = body.buf
+        if buf.startswith(b"\r\n"):
+            block = b""
+            del buf[:2]
+            break
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            block = bytes(buf[:end])
+            del buf[:end + 4]
+            break
+        if len(buf) > MAX_PART_HEADERS:
+            raise ValueError(f"part headers longer than {MAX_PART_HEADERS} bytes")
+        if body.eof:
+            raise ValueError("the body ends inside part headers")
+        await body.fill()
+    part_type = DICOM
+    for line in block.split(b"\r\n") if block else ():
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise ValueError(f"malformed part header {line[:80]!r}")
+        if name.strip().lower() == b"content-type":
+            part_type = value.decode("latin-1").split(";")[0].strip().lower() or DICOM
+    return part_type
+
+
+async def _copy_until(body: _Body, delimiter: bytes, sink: _PartSink) -> None:
+    """Copy a part's content to ``sink`` up to ``delimiter`` (CRLF--boundary), which is
+    consumed; what could be the start of a delimiter stays in the buffer until decided."""
+    keep = len(delimiter) - 1
+    while True:
+        buf = body.buf
+        at = buf.find(delimiter)
+        if at >= 0:
+            await sink.write(bytes(buf[:at]))
+            del buf[:at + len(delimiter)]
+            return
+        if len(buf) > keep:
+            cut = len(buf) - keep
+            await sink.write(bytes(buf[:cut]))
+            del buf[:cut]
+        if body.eof:
+            raise ValueError("the body ends inside a part, without its closing boundary")
+        await body.fill()
+
+
 def _discard_all(archive: Archive, parts: list[ReceivedPart]) -> None:
     for part in parts:
         if part.temp is not None:
             archive.discard_temp(part.temp)
 
 
-def _ingest_all(archive: Archive, parts: list[ReceivedPart], source: Source,
-                expected_study: str | None) -> list[PartOutcome]:
-    """Store each received part through the one ingest path (runs in the executor)."""
-    outcomes = []
-    for position, part in enumerate(parts, start=1):
+async def _ingest_all(request: web.Request, archive: Archive, parts: list[ReceivedPart], source: Source,
+                      expected_study: str | None) -> list[PartOutcome]:
+    """Store each received part through the one ingest path, up to STORE_CONCURRENCY at
+    a time in the thread pool. Parts that carry the same SOP Instance UID are stored one
+    after the other in body order (the last one wins, as when stored one by one)."""
+    outcomes: list[PartOutcome | None] = [None] * len(parts)
+    uids = [part.uids for part in parts]
+    chains: dict[str, list[int]] = {}
+    for position, part in enumerate(parts):
         if part.temp is None:
-            log.warning("STOW part %d from %s refused (0x0110): %s", position, source, part.refusal)
-            outcomes.append(PartOutcome("", "", failure_reason=0x0110, message=part.refusal))
-            continue
-        outcomes.append(_ingest_one(archive, part.temp, position, source, expected_study))
-    return outcomes
+            log.warning("STOW part %d from %s refused (0x0110): %s", position + 1, source, part.refusal)
+            outcomes[position] = PartOutcome("", "", failure_reason=0x0110, message=part.refusal)
+        else:
+            chains.setdefault(uids[position][1] or f"#{position}", []).append(position)
+    budget = _StoreBudget(STORE_CONCURRENCY, STORE_BYTES_TOGETHER)
+    loop = asyncio.get_running_loop()
+    executor = request.app[EXECUTOR]
+    waiting = {position for chain in chains.values() for position in chain}
+
+    async def store_chain(chain: list[int]) -> None:
+        for position in chain:
+            size = parts[position].size
+            await budget.acquire(size)
+            try:
+                waiting.discard(position)
+                outcomes[position] = await loop.run_in_executor(
+                    executor, _ingest_one, archive, parts[position].temp, position + 1, source, expected_study,
+                    uids[position])
+            finally:
+                await budget.release(size)
+
+    try:
+        await asyncio.gather(*(store_chain(chain) for chain in chains.values()))
+    finally:
+        if waiting:  # cancelled (the client went away): parts never handed over go now
+            _discard_all(archive, [parts[p] for p in waiting])
+    return outcomes  # type: ignore[return-value]
 
 
-def _ingest_one(archive: Archive, temp: Path, position: int, source: Source, expected_study: str | None) -> PartOutcome:
-    sop_class, sop_uid = _peek_uids(temp)
+def _ingest_one(archive: Archive, temp: Path, position: int, source: Source, expected_study: str | None,
+                uids: tuple[str, str]) -> PartOutcome:
+    sop_class, sop_uid = uids
     try:
         result = archive.store_temp(temp, source, expected_study)
     except ArchiveError as exc:

@@ -12,12 +12,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import Archive, NotFound, StoredInstance
+from storage.metadata_cache import MetadataPrefill
 
 from .auth import requires
 from .dicom_json import dataset_json, find_element
 from .rs_common import (
-    MediaRange, MultipartStream, archive_of, base_url, dicom_json_response, instance_url, not_acceptable,
-    not_modified, organizations, parse_accept, path_uid, resource_url, run_blocking, send_file, validators,
+    FilePart, MediaRange, MultipartStream, archive_of, base_url, dicom_json_response, instance_url,
+    not_acceptable, not_modified, organizations, parse_accept, path_uid, resource_url, run_blocking,
+    send_file, send_multipart_files, validators, validators_and_sizes,
 )
 from .transfer import (
     ANY, FRAME_MEDIA_TYPE, OCTET_STREAM, TooLargeToTranscode, can_decode, check_transcodable, output_syntax,
@@ -69,7 +71,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     plan, single = _plan_dicom(ranges, stored, is_instance="instance" in request.match_info)
     archive = archive_of(request)
     await run_blocking(request, check_plan_transcodable, archive, plan)
-    headers = await run_blocking(request, validators, archive, stored, request.headers.get("Accept", ""))
+    headers, sizes = await run_blocking(request, validators_and_sizes, archive, stored,
+                                        request.headers.get("Accept", ""))
     if not_modified(request, headers):
         return web.Response(status=304, headers=headers)
     if single:
@@ -78,6 +81,14 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         if syntax == item.transfer_syntax_uid:
             return await send_file(request, archive, item, headers)
         return web.Response(body=await run_blocking(request, _transcoded, archive, item, syntax), headers=headers)
+    if sizes is not None and all(syntax == item.transfer_syntax_uid for item, syntax in plan):
+        # every file goes out as stored: a Content-Length, and the bodies by sendfile
+        base = base_url(request)
+        return await send_multipart_files(request, archive, DICOM, headers, [
+            FilePart(f"{DICOM}; transfer-syntax={syntax}", item, size,
+                     resource_url(base, item.study_uid, item.series_uid, item.sop_instance_uid))
+            for (item, syntax), size in zip(plan, sizes)
+        ])
     stream = MultipartStream(request, DICOM, headers)
     for item, syntax in plan:
         part_type = f"{DICOM}; transfer-syntax={syntax}"
@@ -164,13 +175,20 @@ _BULK = b'"BulkDataURI":"'
 def _metadata(archive: Archive, stored: list[StoredInstance], base: str) -> bytes:
     """The JSON array of the instances' metadata: cached fragments joined (bytes)."""
     parts = []
-    for item in stored:
-        fragment = archive.instance_metadata(item, METADATA_CACHE_VERSION, _instance_json)
-        if _BULK in fragment:
-            url = resource_url(base, item.study_uid, item.series_uid, item.sop_instance_uid) + "/bulkdata/"
-            fragment = fragment.replace(_BULK, _BULK + orjson.dumps(url)[1:-1])
-        parts.append(fragment)
+    with archive.metadata_cache.reading():  # the background prefill stands back meanwhile
+        for item in stored:
+            fragment = archive.instance_metadata(item, METADATA_CACHE_VERSION, _instance_json)
+            if _BULK in fragment:
+                url = resource_url(base, item.study_uid, item.series_uid, item.sop_instance_uid) + "/bulkdata/"
+                fragment = fragment.replace(_BULK, _BULK + orjson.dumps(url)[1:-1])
+            parts.append(fragment)
     return b"[" + b",".join(parts) + b"]"
+
+
+def metadata_prefill(archive: Archive) -> MetadataPrefill:
+    """The background worker that builds this module's metadata cache entries for newly
+    stored instances (the composition root subscribes it to the archive's events)."""
+    return MetadataPrefill(archive, METADATA_CACHE_VERSION, _instance_json)
 
 
 def _instance_json(item: StoredInstance, ds: Dataset) -> bytes:
