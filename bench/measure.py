@@ -56,21 +56,32 @@ def _timed_parallel(work: Callable[[Any], None], shares: list, timeout: float, e
 # ---------------------------------------------------------------- DIMSE
 
 
-def cstore(server: Server, files: list[Path], associations: int, timeout: float = 900) -> float:
-    """Send ``files`` over ``associations`` parallel storescu processes; wall seconds."""
+def cstore(server: Server, files: list[Path], associations: int, timeout: float = 900, retries: int = 0,
+           notes: list[str] | None = None) -> float:
+    """Send ``files`` over ``associations`` parallel storescu processes; wall seconds.
+    A failed storescu run is repeated up to ``retries`` times (for filling an index,
+    not for timed figures), each failure added to ``notes``."""
     parts = [files[i::associations] for i in range(associations)]
     errors: list[str] = []
 
     def send(part: list[Path]) -> None:
         for start in range(0, len(part), STORESCU_CHUNK):
             chunk = part[start:start + STORESCU_CHUNK]
-            proc = subprocess.run(
-                [dcmtk("storescu"), "-aet", "BENCHSCU", "-aec", server.ae_title, "127.0.0.1",
-                 str(server.dimse_port), *map(str, chunk)],
-                env=NODELAY_ENV, capture_output=True, text=True, timeout=timeout,
-            )
-            if proc.returncode != 0:
-                errors.append(proc.stderr[-500:])
+            for attempt in range(retries + 1):
+                proc = subprocess.run(
+                    [dcmtk("storescu"), "-aet", "BENCHSCU", "-aec", server.ae_title, "127.0.0.1",
+                     str(server.dimse_port), *map(str, chunk)],
+                    env=NODELAY_ENV, capture_output=True, text=True, timeout=timeout,
+                )
+                if proc.returncode == 0:
+                    break
+                failure = (f"storescu to {server.name} exited {proc.returncode}: "
+                           f"{(proc.stderr or proc.stdout)[-500:].strip() or 'no output'}")
+                if attempt < retries:
+                    if notes is not None:
+                        notes.append(f"{failure} (repeated)")
+                    continue
+                errors.append(failure)
 
     return _timed_parallel(send, parts, timeout, errors, f"storescu to {server.name}")
 

@@ -217,7 +217,8 @@ class Bench:
 
             def send(server: Server) -> None:
                 try:
-                    spent[server.name] = cstore(server, batch.files, 4, timeout=3600)
+                    spent[server.name] = cstore(server, batch.files, 4, timeout=3600, retries=1,
+                                                notes=self.results["notes"])
                 except BaseException as exc:  # reported below
                     errors.append(exc)
 
