@@ -30,6 +30,11 @@ FAMILIES = (operations, identity_routes, stow, qido, wado, rendered, wado_uri, w
 async def access_log_middleware(request: web.Request, handler):
     started = time.perf_counter()
     status = 500
+    archive = request.app[ARCHIVE]
+    # a WebSocket stays open while idle: not work that background tasks should wait for
+    foreground = request.headers.get("Upgrade", "").lower() != "websocket"
+    if foreground:
+        archive.foreground.begin()
     try:
         response = await handler(request)
         status = response.status
@@ -38,7 +43,9 @@ async def access_log_middleware(request: web.Request, handler):
         status = exc.status
         raise
     finally:
-        request.app[ARCHIVE].metrics.inc(
+        if foreground:
+            archive.foreground.end()
+        archive.metrics.inc(
             "dicomnode_http_requests_total", family=_family(request.path), status=str(status)
         )
         log.debug("%s %s %s -> %d in %.1f ms", request.remote, request.method, request.path, status,

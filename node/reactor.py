@@ -379,10 +379,17 @@ class EventDrivenAssociation(Association):
         self.quiet_find_logging()
 
     def run(self) -> None:
+        # served associations are foreground work: the archive's background tasks stand
+        # back meanwhile (storage/activity.py)
+        foreground = getattr(self.ae, "dicomnode_foreground", None)
+        if foreground is not None:
+            foreground.begin()
         try:
             super().run()
         finally:
             self.dimse.discard_receipt()  # aborted or closed in the middle of a dataset
+            if foreground is not None:
+                foreground.end()
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's acceptor loop (association.py ``_run_reactor``) without

@@ -28,6 +28,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AllStoragePresentationContexts
 
+from .activity import Foreground
 from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, normalize_date, normalize_time
 from .blobs import BlobStore, FileBlobStore
 from .errors import (
@@ -102,6 +103,7 @@ class Archive:
         self.metadata_cache = MetadataCache(self.root / "cache" / "metadata")
         self.identity = IdentityStore(self.index)
         self.events = EventBus()
+        self.foreground = Foreground()  # requests being served; background work stands back
         self.metrics = metrics or Metrics()
         self.workitems = WorkitemStore(self.index, self.events, self.generate_uid)
         self._key_locks = [threading.Lock() for _ in range(64)]

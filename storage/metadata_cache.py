@@ -218,9 +218,10 @@ class MetadataPrefill:
     way :meth:`Archive.instance_metadata` would (same stamp, same check), so a request
     finds it warm. Several events for one series coalesce into one batch.
 
-    It stays out of ingest's way: while instances keep arriving it works at most
-    ``busy_share`` of the time (it sleeps the rest, so ingest threads get the GIL and
-    the cores); once ingest has been quiet for ``quiet_s`` it runs flat out. At most
+    It stays out of the way of ingest and of requests: while instances keep arriving or
+    requests are being served (``archive.foreground``) it works at most ``busy_share``
+    of the time (it sleeps the rest, so those threads get the GIL and the cores); once
+    all has been quiet for ``quiet_s`` it runs flat out. At most
     ``max_pending`` instances are remembered: beyond that new ones are not prefilled (the
     ``StudyStable`` sweep or the first request builds them). Entries are derived data:
     losing a pending list (crash, shutdown) only costs a slower first request, and a blob
@@ -376,7 +377,7 @@ class MetadataPrefill:
             deadline = time.monotonic() + self.max_yield_s
             while cache.being_read and not self._closed and not self._hurry and time.monotonic() < deadline:
                 time.sleep(0.01)
-        elif time.monotonic() - self._last_event < self.quiet_s:
+        elif time.monotonic() - self._last_event < self.quiet_s or self.archive.foreground.busy(self.quiet_s):
             time.sleep(spent * (1 - self.busy_share) / self.busy_share)
         else:
             time.sleep(0)  # let any other thread have the GIL between instances

@@ -152,3 +152,31 @@ def test_pending_work_is_bounded_and_coalesced(node):
     finally:
         gate.set()
         prefill.close()
+
+
+def test_associations_and_http_requests_count_as_foreground_work(node):
+    import time
+    import urllib.request
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    foreground = node.archive.foreground
+    deadline = time.monotonic() + 5
+    while foreground.busy(0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not foreground.busy(0)
+    ae = AE(ae_title="FGSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        assert foreground.busy(0)  # the prefill works at its low duty meanwhile
+    finally:
+        assoc.release()
+    deadline = time.monotonic() + 5
+    while foreground.busy(0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not foreground.busy(0)
+    urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/healthz").read()
+    assert foreground.busy(1.0)  # just served
