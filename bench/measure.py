@@ -180,6 +180,29 @@ def http_get(server: Server, path: str, accept: str, conn: http.client.HTTPConne
     return elapsed, resp.status, body
 
 
+def http_get_streamed(server: Server, path: str, accept: str) -> tuple[float, int, int, bytes]:
+    """GET ``qido_root + path``, reading the body into one reusable buffer (a big
+    retrieval measures the server, not the client's allocation of the whole body);
+    (ms, status, body size, the body's first bytes)."""
+    conn = _conn(server)
+    buffer = memoryview(bytearray(1 << 20))
+    try:
+        started = time.perf_counter()
+        conn.request("GET", server.qido_root + path, headers={"Accept": accept})
+        resp = conn.getresponse()
+        size, head = 0, b""
+        while count := resp.readinto(buffer):
+            if not size:
+                head = bytes(buffer[:min(count, 200)])
+            size += count
+        elapsed = (time.perf_counter() - started) * 1000
+    finally:
+        conn.close()
+    if resp.status in (404, 405, 501):
+        raise NotAvailable(f"{server.name} answered {resp.status} to GET {path}")
+    return elapsed, resp.status, size, head
+
+
 def qido(server: Server, path: str, conn: http.client.HTTPConnection) -> tuple[float, int]:
     elapsed, status, body = http_get(server, path, "application/dicom+json", conn)
     if status == 204 or not body.strip():
