@@ -142,14 +142,20 @@ def echo_ms(server: Server) -> float:
 
 
 def cmove(server: Server, destination: Server, study_uid: str, timeout: float = 900) -> float:
-    args = [dcmtk("movescu"), "-S", "-aet", "BENCHSCU", "-aec", server.ae_title, "-aem", destination.ae_title,
+    """C-MOVE of a study to ``destination`` with dcmtk movescu; wall seconds."""
+    return study_retrieve(server, "movescu", study_uid, ["-aem", destination.ae_title], timeout)
+
+
+def study_retrieve(server: Server, tool: str, study_uid: str, options: list[str], timeout: float = 900) -> float:
+    """Run dcmtk ``tool`` (movescu, getscu) for one study against ``server``; wall seconds."""
+    args = [dcmtk(tool), "-S", "-aet", "BENCHSCU", "-aec", server.ae_title, *options,
             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
             "127.0.0.1", str(server.dimse_port)]
     started = time.perf_counter()
     proc = subprocess.run(args, env=NODELAY_ENV, capture_output=True, text=True, timeout=timeout)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
-        raise RuntimeError(f"movescu to {server.name} failed: {(proc.stdout + proc.stderr)[-400:]}")
+        raise RuntimeError(f"{tool} to {server.name} failed: {(proc.stdout + proc.stderr)[-400:]}")
     return elapsed
 
 

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 from .corpus import ct_study
-from .measure import cmove, cstore
+from .measure import cmove, cstore, study_retrieve
 from .servers import (
-    NODELAY_ENV, REPO, Server, dcmtk, start_dicomnode, start_orthanc, start_storescp, write_dicomnode_config,
-    write_orthanc_config,
+    REPO, Server, start_dicomnode, start_orthanc, start_storescp, write_dicomnode_config, write_orthanc_config,
 )
 
 
@@ -64,15 +63,7 @@ def import_corpus(repo: Path, config: Path, files: list[Path]) -> None:
 def cget(server: Server, study_uid: str, out: Path, timeout: float = 900) -> float:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    args = [dcmtk("getscu"), "-S", "-aet", "BENCHSCU", "-aec", server.ae_title, "-od", str(out),
-            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
-            "127.0.0.1", str(server.dimse_port)]
-    started = time.perf_counter()
-    proc = subprocess.run(args, env=NODELAY_ENV, capture_output=True, text=True, timeout=timeout)
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"getscu failed: {(proc.stdout + proc.stderr)[-400:]}")
-    return elapsed
+    return study_retrieve(server, "getscu", study_uid, ["-od", str(out)], timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

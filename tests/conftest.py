@@ -159,14 +159,13 @@ class StoreSCP:
         return self.files()
 
 
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
-    """dcmtk storescp on a free port, writing what it receives under tmp_path/received."""
-    folder = tmp_path / "received"
-    folder.mkdir()
+def start_storescp(folder: Path, *flags: str) -> StoreSCP:
+    """dcmtk storescp (AE VIEWER) on a free port writing under ``folder``; returns once
+    it accepts connections. The caller terminates ``proc``."""
+    folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = subprocess.Popen(
-        [dcmtk_exe("storescp"), "-aet", "VIEWER", "-od", str(folder), "-uf", "+xa", str(port)],
+        [dcmtk_exe("storescp"), "-aet", "VIEWER", "-od", str(folder), *flags, str(port)],
         env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
@@ -175,7 +174,15 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.05)
-    yield StoreSCP("VIEWER", port, folder, proc)
+    return StoreSCP("VIEWER", port, folder, proc)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
+    """dcmtk storescp on a free port, writing what it receives under tmp_path/received."""
+    scp = start_storescp(tmp_path / "received", "-uf", "+xa")
+    proc = scp.process
+    yield scp
     proc.terminate()
     proc.wait(timeout=10)
 

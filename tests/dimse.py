@@ -16,6 +16,15 @@ from pynetdicom.sop_class import (
 from tests.conftest import dcmtk
 
 
+def identifier(level: str, **keys: str) -> Dataset:
+    """A query/retrieve identifier: QueryRetrieveLevel and the given keys."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
 def findscu(node, tmp: Path, level: str, *keys: str, root: str = "-S") -> list[Dataset]:
     """Run dcmtk findscu (``root`` -S study root, -P patient root) and return the
     response identifiers it extracted, in arrival order."""

@@ -16,7 +16,7 @@ from pynetdicom.sop_class import (
 from storage import Source
 from tests import corpus
 from tests.conftest import dcmtk
-from tests.dimse import store_roles
+from tests.dimse import identifier, store_roles
 
 
 @pytest.fixture
@@ -33,14 +33,6 @@ def mover(start_node, storescp):
 
 def _received_uids(files: list[Path]) -> set[str]:
     return {pydicom.dcmread(p).SOPInstanceUID for p in files}
-
-
-def _identifier(level: str, **keys: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def _move(node, identifier: Dataset, destination: str = "VIEWER") -> list[Dataset]:
@@ -85,7 +77,7 @@ def test_movescu_study_arrives_at_storescp(mover, storescp):
 
 def test_moved_instances_keep_their_pixel_data(mover, storescp):
     target = mover.study[0]
-    _move(mover, _identifier("IMAGE", StudyInstanceUID=target.StudyInstanceUID,
+    _move(mover, identifier("IMAGE", StudyInstanceUID=target.StudyInstanceUID,
                              SeriesInstanceUID=target.SeriesInstanceUID, SOPInstanceUID=target.SOPInstanceUID))
     [received] = storescp.wait_for(1)
     got = pydicom.dcmread(received)
@@ -95,7 +87,7 @@ def test_moved_instances_keep_their_pixel_data(mover, storescp):
 
 def test_move_series_level_sends_only_that_series(mover, storescp):
     second = mover.study[3]
-    statuses = _move(mover, _identifier("SERIES", StudyInstanceUID=second.StudyInstanceUID,
+    statuses = _move(mover, identifier("SERIES", StudyInstanceUID=second.StudyInstanceUID,
                                         SeriesInstanceUID=second.SeriesInstanceUID))
     assert statuses[-1].Status == 0x0000
     assert statuses[-1].NumberOfCompletedSuboperations == 2
@@ -103,7 +95,7 @@ def test_move_series_level_sends_only_that_series(mover, storescp):
 
 
 def test_move_reports_pending_counts_then_success(mover, storescp):
-    statuses = _move(mover, _identifier("STUDY", StudyInstanceUID=mover.study[0].StudyInstanceUID))
+    statuses = _move(mover, identifier("STUDY", StudyInstanceUID=mover.study[0].StudyInstanceUID))
     pending = [s for s in statuses if s.Status == 0xFF00]
     assert [int(s.NumberOfRemainingSuboperations) for s in pending] == [4, 3, 2, 1, 0]
     final = statuses[-1]
@@ -111,14 +103,14 @@ def test_move_reports_pending_counts_then_success(mover, storescp):
 
 
 def test_move_to_unknown_destination_is_refused_with_a801(mover, storescp):
-    statuses = _move(mover, _identifier("STUDY", StudyInstanceUID=mover.study[0].StudyInstanceUID),
+    statuses = _move(mover, identifier("STUDY", StudyInstanceUID=mover.study[0].StudyInstanceUID),
                      destination="STRANGER")
     assert statuses[-1].Status == 0xA801
     assert storescp.files() == []
 
 
 def test_move_without_the_unique_key_of_the_level_is_refused(mover, storescp):
-    statuses = _move(mover, _identifier("SERIES", StudyInstanceUID=mover.study[0].StudyInstanceUID))
+    statuses = _move(mover, identifier("SERIES", StudyInstanceUID=mover.study[0].StudyInstanceUID))
     assert statuses[-1].Status == 0xA900
 
 
@@ -126,7 +118,7 @@ def test_move_with_a_missing_file_ends_with_warning_b000(mover, storescp):
     lost = mover.study[1]
     [stored] = mover.archive.instances(sop_instance_uids=(lost.SOPInstanceUID,))
     mover.archive.instance_path(stored).unlink()
-    statuses = _move(mover, _identifier("STUDY", StudyInstanceUID=lost.StudyInstanceUID))
+    statuses = _move(mover, identifier("STUDY", StudyInstanceUID=lost.StudyInstanceUID))
     final = statuses[-1]
     assert final.Status == 0xB000
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (4, 1)
@@ -146,7 +138,7 @@ def test_getscu_retrieves_a_study_on_the_same_association(mover, tmp_path):
 def test_get_image_level_returns_the_listed_instances(mover):
     a, b = mover.study[0], mover.study[4]
     received: list[Dataset] = []
-    statuses = _get(mover, _identifier("IMAGE", StudyInstanceUID=a.StudyInstanceUID,
+    statuses = _get(mover, identifier("IMAGE", StudyInstanceUID=a.StudyInstanceUID,
                                        SOPInstanceUID=f"{a.SOPInstanceUID}\\{b.SOPInstanceUID}"), received)
     assert statuses[-1].Status == 0x0000
     assert statuses[-1].NumberOfCompletedSuboperations == 2
@@ -158,7 +150,7 @@ def test_get_with_a_missing_file_ends_with_warning_b000(mover):
     [stored] = mover.archive.instances(sop_instance_uids=(lost.SOPInstanceUID,))
     mover.archive.instance_path(stored).unlink()
     received: list[Dataset] = []
-    statuses = _get(mover, _identifier("STUDY", StudyInstanceUID=lost.StudyInstanceUID), received)
+    statuses = _get(mover, identifier("STUDY", StudyInstanceUID=lost.StudyInstanceUID), received)
     final = statuses[-1]
     assert final.Status == 0xB000
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (4, 1)
@@ -167,7 +159,7 @@ def test_get_with_a_missing_file_ends_with_warning_b000(mover):
 
 def test_get_of_an_unknown_study_matches_nothing(mover):
     received: list[Dataset] = []
-    statuses = _get(mover, _identifier("STUDY", StudyInstanceUID="1.2.3.4.5.6.7"), received)
+    statuses = _get(mover, identifier("STUDY", StudyInstanceUID="1.2.3.4.5.6.7"), received)
     assert statuses[-1].Status == 0x0000
     assert statuses[-1].get("NumberOfCompletedSuboperations", 0) == 0
     assert received == []
@@ -175,6 +167,6 @@ def test_get_of_an_unknown_study_matches_nothing(mover):
 
 def test_get_without_the_unique_key_of_the_level_is_refused(mover):
     received: list[Dataset] = []
-    statuses = _get(mover, _identifier("IMAGE", StudyInstanceUID=mover.study[0].StudyInstanceUID), received)
+    statuses = _get(mover, identifier("IMAGE", StudyInstanceUID=mover.study[0].StudyInstanceUID), received)
     assert statuses[-1].Status == 0xA900
     assert received == []

@@ -5,7 +5,6 @@ dcmtk storescp/getscu in bit-preserving mode and a pynetdicom storage SCP."""
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import threading
 import time
@@ -34,8 +33,8 @@ from pynetdicom.sop_class import (
 from node.outbound import c_store_rq, retrieve_rsp_command, split_file_meta
 from storage import Source
 from tests import corpus
-from tests.conftest import DCMTK_ENV, StoreSCP, dcmtk, dcmtk_exe, free_port
-from tests.dimse import store_roles
+from tests.conftest import StoreSCP, dcmtk, free_port, start_storescp
+from tests.dimse import identifier, store_roles
 
 
 # ------------------------------------------------------------------ helpers
@@ -61,14 +60,6 @@ def _store(node, datasets: list[Dataset]) -> None:
 
 def _implicit(ds: Dataset) -> Dataset:
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    return ds
-
-
-def _identifier(level: str, **keys: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
     return ds
 
 
@@ -119,19 +110,9 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
     started: list[subprocess.Popen] = []
 
     def start(*flags: str) -> StoreSCP:
-        folder = tmp_path / f"received{len(started)}"
-        folder.mkdir()
-        port = free_port()
-        proc = subprocess.Popen([dcmtk_exe("storescp"), "-aet", "VIEWER", "-od", str(folder), "+B", *flags, str(port)],
-                                env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(proc)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        return StoreSCP("VIEWER", port, folder, proc)
+        scp = start_storescp(tmp_path / f"received{len(started)}", "+B", *flags)
+        started.append(scp.process)
+        return scp
 
     yield start
     for proc in started:
@@ -171,7 +152,7 @@ def test_move_re_encodes_for_a_destination_that_accepts_only_implicit(start_node
     node = _mover(start_node, scp.port)
     [ds] = corpus.ct_series(1)
     _store(node, [ds])
-    final, _ = _move(node, _identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID))[-1]
+    final, _ = _move(node, identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID))[-1]
     assert (final.Status, final.NumberOfCompletedSuboperations) == (0x0000, 1)
     got = pydicom.dcmread(_received(scp.folder, 1)[ds.SOPInstanceUID])
     assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
@@ -186,7 +167,7 @@ def test_move_of_a_compressed_instance_the_destination_cannot_take_fails_that_su
     rle = corpus.compressed(RLELossless)
     rle.StudyInstanceUID = plain.StudyInstanceUID
     _store(node, [plain, rle])
-    final, failed = _move(node, _identifier("STUDY", StudyInstanceUID=plain.StudyInstanceUID))[-1]
+    final, failed = _move(node, identifier("STUDY", StudyInstanceUID=plain.StudyInstanceUID))[-1]
     assert final.Status == 0xB000
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 1)
     assert failed.FailedSOPInstanceUIDList == rle.SOPInstanceUID
@@ -201,7 +182,7 @@ def test_move_counts_an_unreadable_stored_file_as_failed(start_node, storescp):
     path = _stored_path(node, datasets[1].SOPInstanceUID)
     path.unlink()
     path.write_bytes(b"this is not a DICOM file")
-    final, failed = _move(node, _identifier("STUDY", StudyInstanceUID=datasets[0].StudyInstanceUID))[-1]
+    final, failed = _move(node, identifier("STUDY", StudyInstanceUID=datasets[0].StudyInstanceUID))[-1]
     assert final.Status == 0xB000
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (2, 1)
     assert set(_received(scp.folder, 2)) == {datasets[0].SOPInstanceUID, datasets[2].SOPInstanceUID}
@@ -211,7 +192,7 @@ def test_move_to_a_destination_that_does_not_answer_is_refused_with_a801(start_n
     node = _mover(start_node, free_port())  # nothing listens there
     [ds] = corpus.ct_series(1)
     _store(node, [ds])
-    final, _ = _move(node, _identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID))[-1]
+    final, _ = _move(node, identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID))[-1]
     assert final.Status == 0xA801
 
 
@@ -246,7 +227,7 @@ def test_cancel_during_a_move_ends_it_with_fe00(start_node):
                              evt_handlers=[(evt.EVT_PDU_SENT, on_pdu_sent)])
         assert assoc.is_established
         try:
-            responses = assoc.send_c_move(_identifier("STUDY", StudyInstanceUID=datasets[0].StudyInstanceUID),
+            responses = assoc.send_c_move(identifier("STUDY", StudyInstanceUID=datasets[0].StudyInstanceUID),
                                           "VIEWER", StudyRootQueryRetrieveInformationModelMove, msg_id=7)
             assert first_stored.wait(10)
             cancel_requested.set()
@@ -315,7 +296,7 @@ def test_get_re_encodes_for_an_scu_that_accepts_only_implicit(node):
                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
     try:
-        responses = list(assoc.send_c_get(_identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID),
+        responses = list(assoc.send_c_get(identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID),
                                            StudyRootQueryRetrieveInformationModelGet))
     finally:
         assoc.release()
@@ -347,7 +328,7 @@ def test_get_sends_each_stored_syntax_in_the_context_the_scu_proposed_for_it(nod
                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
     try:
-        responses = list(assoc.send_c_get(_identifier("STUDY", StudyInstanceUID=plain.StudyInstanceUID),
+        responses = list(assoc.send_c_get(identifier("STUDY", StudyInstanceUID=plain.StudyInstanceUID),
                                            StudyRootQueryRetrieveInformationModelGet))
     finally:
         assoc.release()
