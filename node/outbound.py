@@ -43,7 +43,7 @@ from typing import Any, Iterator
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
