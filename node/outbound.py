@@ -44,13 +44,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE
-from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    P_DATA,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
@@ -60,7 +58,8 @@ from pynetdicom.transport import AddressInformation
 
 from storage import Archive, StoredInstance
 
-from .pdata import UNLIMITED_FRAGMENT, append_pdvs, max_fragment, send_buffers, writable_socket, write_or_close
+from .commands import command_values, retrieve_rsp_command, store_rq_command
+from .pdata import UNLIMITED_FRAGMENT, append_pdvs, send_buffers
 from .reactor import EventDrivenAssociation, EventDrivenDIMSE, EventDrivenRequestHandler
 
 log = logging.getLogger("dicomnode.node")
@@ -312,7 +311,7 @@ class StoreRequestor:
         sop_class = str(dataset.SOPClassUID)
         sop_instance = str(dataset.SOPInstanceUID)
         context_id, data = self._payload(dataset, sop_class)
-        command = c_store_rq(msg_id, sop_class, sop_instance, priority, originator_aet, originator_id)
+        command = store_rq_command(msg_id, sop_class, sop_instance, priority, originator_aet, originator_id)
         buffers: list = []
         append_pdvs(buffers, context_id, command, True, self.max_fragment)
         append_pdvs(buffers, context_id, memoryview(data), False, self.max_fragment)
@@ -362,7 +361,9 @@ class StoreRequestor:
                 pos += 4 + item_length
             if done:
                 break
-        fields = command_fields(command)
+        fields = command_values(command)
+        if fields is None:
+            raise AssociationFailed("malformed command set")
         if fields.get(0x0100) != 0x8001 or fields.get(0x0120) != msg_id or 0x0900 not in fields:
             raise AssociationFailed(f"expected the C-STORE response to message {msg_id}")
         if fields[0x0900] != 0x0000:  # a warning or failure: let pydicom read it all (error comment...)
@@ -461,68 +462,6 @@ def _encode(dataset: Dataset, ts: UID) -> bytes:
     return data
 
 
-def command_fields(command: bytes | bytearray) -> dict[int, int | bytes]:
-    """A command set's elements (implicit VR little endian, group 0000) by element
-    number: US values as ints, others as bytes."""
-    fields: dict[int, int | bytes] = {}
-    pos, end = 0, len(command)
-    while pos + 8 <= end:
-        group, element, length = struct.unpack_from("<HHI", command, pos)
-        value = bytes(command[pos + 8:pos + 8 + length])
-        if group != 0x0000 or len(value) != length:
-            raise AssociationFailed("malformed command set")
-        fields[element] = struct.unpack("<H", value)[0] if length == 2 and element in _US_ELEMENTS else value
-        pos += 8 + length
-    return fields
-
-
-_US_ELEMENTS = {0x0100, 0x0110, 0x0120, 0x0700, 0x0800, 0x0900, 0x1020, 0x1021, 0x1022, 0x1023, 0x1031}
-
-
-def retrieve_rsp_command(command_field: int, message_id: int, status: int, sop_class_uid: str | None,
-                         remaining: int | None, completed: int | None, failed: int | None,
-                         warning: int | None) -> bytes:
-    """A C-MOVE-RSP (0x8021) or C-GET-RSP (0x8010) command set without identifier,
-    as pynetdicom encodes it (PS3.7 9.3.3.2, 9.3.4.2)."""
-    body = _element(0x0002, _uid(sop_class_uid)) if sop_class_uid else b""
-    body += _element(0x0100, struct.pack("<H", command_field))
-    body += _element(0x0120, struct.pack("<H", message_id))
-    body += _element(0x0800, struct.pack("<H", 0x0101))  # no data set
-    body += _element(0x0900, struct.pack("<H", status))
-    for element, count in ((0x1020, remaining), (0x1021, completed), (0x1022, failed), (0x1023, warning)):
-        if count is not None:
-            body += _element(element, struct.pack("<H", count))
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
-
-
-def _element(tag: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        raise ValueError("odd length")
-    return struct.pack("<HHI", 0x0000, tag, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
-def c_store_rq(msg_id: int, sop_class: str, sop_instance: str, priority: int = 2,
-               originator_aet: str | None = None, originator_id: int | None = None) -> bytes:
-    """A C-STORE-RQ command set, implicit VR little endian (PS3.7 9.3.1.1, E.1)."""
-    body = _element(0x0002, _uid(sop_class))
-    body += _element(0x0100, struct.pack("<H", 0x0001))
-    body += _element(0x0110, struct.pack("<H", msg_id))
-    body += _element(0x0700, struct.pack("<H", priority))
-    body += _element(0x0800, struct.pack("<H", 0x0001))  # a data set follows (any value but 0x0101)
-    body += _element(0x1000, _uid(sop_instance))
-    if originator_aet:
-        aet = originator_aet.strip().encode("ascii")
-        body += _element(0x1030, aet + b" " if len(aet) % 2 else aet)
-    if originator_id is not None:
-        body += _element(0x1031, struct.pack("<H", originator_id))
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
-
-
 # ---------------------------------------------------------------- the responses to the retrieve SCU
 
 
@@ -553,18 +492,7 @@ class RetrieveDIMSE(EventDrivenDIMSE):
                 primitive.NumberOfRemainingSuboperations, primitive.NumberOfCompletedSuboperations,
                 primitive.NumberOfFailedSuboperations, primitive.NumberOfWarningSuboperations,
             )
-            sock = writable_socket(self.assoc)
-            if sock is not None:
-                buffers: list = []
-                append_pdvs(buffers, context_id, command, True, max_fragment(self.maximum_pdu_size))
-                write_or_close(self.assoc, sock, buffers)
-                return
-            fragments = list(DIMSEMessage._generate_pdv_fragments(command, self.maximum_pdu_size))
-            for n, fragment in enumerate(fragments):
-                pdata = P_DATA()
-                header = 0x03 if n == len(fragments) - 1 else 0x01
-                pdata.presentation_data_value_list.append((context_id, bytes((header,)) + fragment))
-                self.dul.send_pdu(pdata)
+            self.send_pdvs(context_id, ((command, 0x01),))
             return
         super().send_msg(primitive, context_id)
 
@@ -592,22 +520,14 @@ class RetrieveAssociation(EventDrivenAssociation):
             log.info("C-STORE of %s to %s: the stored syntax %s was not accepted; decoding it",
                      sop_instance, self.requestor.ae_title, dataset.transfer_syntax.name)
             return super().send_c_store(dataset.decoded(), msg_id, priority, originator_aet, originator_id)
-        command = c_store_rq(msg_id, sop_class, sop_instance, priority, originator_aet, originator_id)
-        fragment_size = max_fragment(self.dimse.maximum_pdu_size)
+        command = store_rq_command(msg_id, sop_class, sop_instance, priority, originator_aet, originator_id)
         # as pynetdicom's send_c_store: the association reactor must not take the response
         self._reactor_checkpoint.clear()
         while not self._is_paused:
             time.sleep(0.0001)
         try:
-            sock = writable_socket(self)
-            if sock is not None:
-                buffers: list = []
-                append_pdvs(buffers, context_id, command, True, fragment_size)
-                append_pdvs(buffers, context_id, dataset.data, False, fragment_size)
-                if not write_or_close(self, sock, buffers):
-                    raise AssociationFailed(f"the connection to {self.requestor.ae_title} broke")
-            else:
-                self._send_through_dul(context_id, command, dataset.data, fragment_size)
+            if not self.dimse.send_pdvs(context_id, ((command, 0x01), (dataset.data, 0x00))):
+                raise AssociationFailed(f"the connection to {self.requestor.ae_title} broke")
             _, rsp = self.dimse.get_msg(block=True)
         finally:
             self._reactor_checkpoint.set()
@@ -615,22 +535,6 @@ class RetrieveAssociation(EventDrivenAssociation):
             self._handle_no_response()
             return Dataset()
         return self._check_received_status(rsp)
-
-    def _send_through_dul(self, context_id: int, command: bytes, data: memoryview, max_fragment: int) -> None:
-        """One P-DATA primitive per PDV, sent by the DUL thread."""
-        for value, flag in ((command, 0x01), (data, 0x00)):
-            total, pos = len(value), 0
-            while True:
-                size = min(max_fragment, total - pos)
-                last = pos + size >= total
-                pdata = P_DATA()
-                pdata.presentation_data_value_list.append(
-                    (context_id, bytes((flag | (0x02 if last else 0),)) + value[pos:pos + size])
-                )
-                self.dul.send_pdu(pdata)
-                pos += size
-                if last:
-                    break
 
     def _stored_syntax_context(self, sop_class: str, ts: str) -> int | None:
         """The accepted context (SCU role) for ``sop_class`` in exactly ``ts``."""

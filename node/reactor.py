@@ -48,7 +48,8 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from .pdata import append_pdvs, max_fragment, writable_socket, write_or_close
-from .store_receipt import StoreReceipt, read_command_fields, store_request, store_rsp_command
+from .commands import read_command_fields, store_request, store_rsp_command
+from .store_receipt import StoreReceipt
 
 _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 _ASSOC_LOG = logging.getLogger("pynetdicom.association")  # pynetdicom's own logger there
@@ -296,7 +297,7 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
                 primitive.MessageIDBeingRespondedTo, primitive.Status,
                 primitive.AffectedSOPClassUID or "", primitive.AffectedSOPInstanceUID or "",
             )
-            self._send_fragments(context_id, ((command, 0x01),))
+            self.send_pdvs(context_id, ((command, 0x01),))
             return
         if (
             type(primitive) is C_FIND
@@ -328,17 +329,20 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
             if len(cache) > 64:
                 cache.clear()
             cache[key] = command
-        self._send_fragments(context_id, ((command, 0x01), (data, 0x00)))
+        self.send_pdvs(context_id, ((command, 0x01), (data, 0x00)))
 
-    def _send_fragments(self, context_id: int, parts: tuple[tuple[bytes, int], ...]) -> None:
+    def send_pdvs(self, context_id: int, parts: tuple[tuple[bytes | memoryview, int], ...]) -> bool:
+        """Send each (value, 0x01 for a command or 0x00 for a dataset) of a message as
+        P-DATA: straight to the socket when this thread is its only writer
+        (``node/pdata.py``), else as primitives for the DUL thread. False when the
+        connection broke."""
         max_pdu = self.maximum_pdu_size
         sock = writable_socket(self.assoc)
-        if sock is not None:  # straight to the socket, no hand-over to the DUL thread
+        if sock is not None:  # no hand-over to the DUL thread
             buffers: list = []
             for value, header in parts:
                 append_pdvs(buffers, context_id, value, bool(header & 0x01), max_fragment(max_pdu))
-            write_or_close(self.assoc, sock, buffers)
-            return
+            return write_or_close(self.assoc, sock, buffers)
         for value, header in parts:
             fragments = list(DIMSEMessage._generate_pdv_fragments(value, max_pdu))
             last = len(fragments) - 1
@@ -348,6 +352,7 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
                     (context_id, bytes((header | (0x02 if n == last else 0x00),)) + fragment)
                 )
                 self.dul.send_pdu(pdata)
+        return True
 
     def get_msg(self, block: bool = False) -> Any:
         if block:

@@ -17,8 +17,8 @@ This module does the same work with less:
 - a write that fails (a full disk) does not abort the association: the rest of the
   dataset is read and dropped, and the request reaches the handler marked with the
   error, which answers 0xA700 (out of resources);
-- :func:`store_rsp_command` encodes a C-STORE-RSP command set by hand, byte for byte
-  what pynetdicom encodes.
+- the command set and the C-STORE-RSP are read and written by hand
+  (``node/commands.py``).
 
 ``node/reactor.py`` calls these from its DIMSE provider, only for acceptor associations
 whose AE names a receive folder (``node/server.py``); everything else is pynetdicom's.
@@ -28,18 +28,14 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from io import BytesIO
 from pathlib import Path
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
 
+from .commands import ui_value
+
 PREAMBLE = b"\x00" * 128 + b"DICM"
-
-
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def _sh(value: str) -> bytes:
@@ -53,7 +49,7 @@ def _short(tag_elem: int, vr: bytes, value: bytes) -> bytes:
 
 
 _VERSION = struct.pack("<HH", 0x0002, 0x0001) + b"OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x01"
-_IMPLEMENTATION = _short(0x0012, b"UI", _ui(str(PYNETDICOM_IMPLEMENTATION_UID))) + _short(
+_IMPLEMENTATION = _short(0x0012, b"UI", ui_value(str(PYNETDICOM_IMPLEMENTATION_UID))) + _short(
     0x0013, b"SH", _sh(PYNETDICOM_IMPLEMENTATION_VERSION)
 )
 
@@ -62,9 +58,9 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_u
     """Preamble, ``DICM`` and the file meta group pynetdicom writes for a received dataset."""
     body = b"".join((
         _VERSION,
-        _short(0x0002, b"UI", _ui(sop_class_uid)),
-        _short(0x0003, b"UI", _ui(sop_instance_uid)),
-        _short(0x0010, b"UI", _ui(transfer_syntax_uid)),
+        _short(0x0002, b"UI", ui_value(sop_class_uid)),
+        _short(0x0003, b"UI", ui_value(sop_instance_uid)),
+        _short(0x0010, b"UI", ui_value(transfer_syntax_uid)),
         _IMPLEMENTATION,
     ))
     group_length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(body))
@@ -120,81 +116,3 @@ class StoreReceipt:
         self.request = request
         self.file = ReceivedFile(folder)
         self.file.write(file_meta_bytes(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, transfer_syntax_uid))
-
-
-# --------------------------------------------------------------------------- command sets
-
-
-def read_command_fields(data: bytes | memoryview) -> dict[int, bytes] | None:
-    """The elements of an implicit VR little endian command set, by element number
-    (group 0000 only); ``None`` when it is not one."""
-    view = memoryview(data)
-    fields: dict[int, bytes] = {}
-    pos, end = 0, len(view)
-    while pos < end:
-        if pos + 8 > end:
-            return None
-        group, elem, length = struct.unpack_from("<HHI", view, pos)
-        pos += 8
-        if group != 0x0000 or pos + length > end:
-            return None
-        fields[elem] = bytes(view[pos:pos + length])
-        pos += length
-    return fields
-
-
-# the elements a C-STORE-RQ command set may carry (PS3.7 9.3.1.1)
-_STORE_RQ_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031))
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("ascii").rstrip("\x00 ")
-
-
-def store_request(fields: dict[int, bytes]) -> C_STORE | None:
-    """The C-STORE request primitive of a C-STORE-RQ command set, built directly
-    (what pynetdicom's ``message_to_primitive`` makes, at a tenth of its cost);
-    ``None`` for anything unusual, which pynetdicom then decodes itself."""
-    if not fields.keys() <= _STORE_RQ_ELEMENTS or any(
-        len(fields.get(elem, b"")) != 2 for elem in (0x0110, 0x0700)
-    ):
-        return None
-    try:
-        request = C_STORE()
-        request.MessageID = int.from_bytes(fields[0x0110], "little")
-        request.AffectedSOPClassUID = _text(fields[0x0002])
-        request.AffectedSOPInstanceUID = _text(fields[0x1000])
-        request.Priority = int.from_bytes(fields[0x0700], "little")
-        if 0x1030 in fields:
-            request.MoveOriginatorApplicationEntityTitle = _text(fields[0x1030])
-        if 0x1031 in fields:
-            if len(fields[0x1031]) != 2:
-                return None
-            request.MoveOriginatorMessageID = int.from_bytes(fields[0x1031], "little")
-    except (KeyError, ValueError, TypeError, UnicodeDecodeError):
-        return None
-    request.DataSet = BytesIO()  # as pynetdicom leaves it: the dataset is in the file
-    return request
-
-
-def _us(elem: int, value: int) -> bytes:
-    return struct.pack("<HHIH", 0x0000, elem, 2, value)
-
-
-def _uid_elem(elem: int, value: str) -> bytes:
-    raw = _ui(value)
-    return struct.pack("<HHI", 0x0000, elem, len(raw)) + raw
-
-
-def store_rsp_command(message_id: int, status: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    """The C-STORE-RSP command set pynetdicom encodes for these four values (and no
-    error comment, offending element or error ID)."""
-    body = b"".join((
-        _uid_elem(0x0002, sop_class_uid),
-        _us(0x0100, 0x8001),
-        _us(0x0120, message_id),
-        _us(0x0800, 0x0101),
-        _us(0x0900, status),
-        _uid_elem(0x1000, sop_instance_uid),
-    ))
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body

@@ -106,8 +106,8 @@ class FileBlobStore:
         self.sync_folders(self.place(temp_path, key))
         return size
 
-    # The three steps of ``commit``, for a caller that overlaps the fsyncs with other
-    # work (the archive runs the index commits meanwhile). Same order, same guarantees.
+    # The steps of ``commit`` (sync_temp, place, sync_folders), for a caller that runs
+    # them beside other work (the archive's ingest commit). Same order, same guarantees.
     def sync_temp(self, temp_path: Path) -> None:
         """Make the temp file's content durable."""
         try:
@@ -135,10 +135,6 @@ class FileBlobStore:
         except OSError as exc:
             raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
         return folders
-
-    def sync_place(self, key: str) -> None:
-        """Make the rename of ``key`` durable (fsync its folder)."""
-        self.sync_folders([self._path(key).parent])
 
     def sync_folders(self, folders: Iterable[Path]) -> None:
         """fsync each folder once (a rename or a new entry in it becomes durable)."""

@@ -30,7 +30,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from node.outbound import c_store_rq, retrieve_rsp_command, split_file_meta
+from node.commands import retrieve_rsp_command, store_rq_command
+from node.outbound import split_file_meta
 from storage import Source
 from tests import corpus
 from tests.conftest import StoreSCP, dcmtk, free_port, start_storescp
@@ -352,7 +353,7 @@ def test_c_store_request_command_is_encoded_as_pynetdicom_encodes_it():
     message = C_STORE_RQ()
     message.primitive_to_message(primitive)
     expected = encode(message.command_set, True, True)
-    assert c_store_rq(7, corpus.CT_IMAGE, "1.2.3.4.5", 2, "MOVESCU", 3) == expected
+    assert store_rq_command(7, corpus.CT_IMAGE, "1.2.3.4.5", 2, "MOVESCU", 3) == expected
 
 
 def test_pending_move_response_command_is_encoded_as_pynetdicom_encodes_it():

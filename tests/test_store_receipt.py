@@ -10,7 +10,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
 from pydicom.filewriter import write_file_meta_info
 
-from node.store_receipt import file_meta_bytes, read_command_fields, store_rsp_command
+from node.commands import read_command_fields, store_rsp_command
+from node.store_receipt import file_meta_bytes
 from tests import corpus
 from tests.conftest import dcmtk
 
@@ -75,33 +76,33 @@ def test_received_dataset_is_written_to_the_archive_temp_folder_and_taken_over(n
     assert [p for p in node.archive.receive_folder().rglob("*") if p.is_file()] == []
 
 
-def test_a_command_fragment_inside_a_dataset_aborts_and_keeps_nothing(node):
+def _raw_association(node):
+    """A pynetdicom association to ``node`` with one CT context, for sending P-DATA by hand."""
     from pynetdicom import AE
-    from pynetdicom.pdu_primitives import P_DATA
 
     ae = AE(ae_title="RAWSCU")
     ae.add_requested_context(CT)
     assoc = ae.associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
     assert assoc.is_established
+    return assoc, assoc.accepted_contexts[0].context_id
+
+
+def _send_pdvs(assoc, context_id: int, *pdvs: tuple[bytes, int]) -> None:
+    from pynetdicom.pdu_primitives import P_DATA
+
+    for value, header in pdvs:
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, bytes((header,)) + value))
+        assoc.dul.send_pdu(pdata)
+
+
+def test_a_command_fragment_inside_a_dataset_aborts_and_keeps_nothing(node):
+    import time
+
+    assoc, context_id = _raw_association(node)
     try:
-        context_id = assoc.accepted_contexts[0].context_id
-        request = C_STORE()
-        request.MessageID = 1
-        request.AffectedSOPClassUID = CT
-        request.AffectedSOPInstanceUID = "1.2.3.4"
-        request.Priority = 0
-        request.DataSet = io.BytesIO(b"\x08\x00\x16\x00\x02\x00\x00\x00AB")
-        from pynetdicom.dimse_messages import C_STORE_RQ
-
-        message = C_STORE_RQ()
-        message.primitive_to_message(request)
-        command = encode(message.command_set, True, True)
-        for value, header in ((command, 0x03), (b"\x08\x00\x16\x00", 0x00), (command, 0x03)):
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, bytes((header,)) + value))
-            assoc.dul.send_pdu(pdata)
-        import time
-
+        command = _store_rq_command()
+        _send_pdvs(assoc, context_id, (command, 0x03), (b"\x08\x00\x16\x00", 0x00), (command, 0x03))
         deadline = time.monotonic() + 10
         while assoc.is_established and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -137,7 +138,7 @@ def test_store_request_is_what_pynetdicom_decodes(extra):
     from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
     from pynetdicom.dsutils import decode
 
-    from node.store_receipt import store_request
+    from node.commands import store_request
 
     command = _store_rq_command(**extra)
     message = DIMSEMessage()
@@ -151,7 +152,7 @@ def test_store_request_is_what_pynetdicom_decodes(extra):
 
 
 def test_an_unusual_store_command_is_left_to_pynetdicom():
-    from node.store_receipt import store_request
+    from node.commands import store_request
 
     fields = read_command_fields(_store_rq_command())
     assert store_request({**fields, 0x0902: b"odd element"}) is None
@@ -161,27 +162,8 @@ def test_an_unusual_store_command_is_left_to_pynetdicom():
 def test_an_association_aborted_inside_a_dataset_leaves_no_partial_file(node):
     import time
 
-    from pynetdicom import AE
-    from pynetdicom.dimse_messages import C_STORE_RQ
-    from pynetdicom.pdu_primitives import P_DATA
-
-    ae = AE(ae_title="RAWSCU")
-    ae.add_requested_context(CT)
-    assoc = ae.associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
-    assert assoc.is_established
-    context_id = assoc.accepted_contexts[0].context_id
-    message = C_STORE_RQ()
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = CT
-    request.AffectedSOPInstanceUID = "1.2.3.4"
-    request.Priority = 0
-    request.DataSet = io.BytesIO(b"\x00")
-    message.primitive_to_message(request)
-    for value, header in ((encode(message.command_set, True, True), 0x03), (b"\x08\x00\x16\x00" * 1000, 0x00)):
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, bytes((header,)) + value))
-        assoc.dul.send_pdu(pdata)
+    assoc, context_id = _raw_association(node)
+    _send_pdvs(assoc, context_id, (_store_rq_command(), 0x03), (b"\x08\x00\x16\x00" * 1000, 0x00))
     folder = node.archive.receive_folder()
     deadline = time.monotonic() + 10
     while not [p for p in folder.iterdir() if p.name.endswith(".dcm.part")] and time.monotonic() < deadline:
