@@ -14,7 +14,9 @@ from config import Settings
 from dicomweb import create_app
 from dicomweb.wado import metadata_prefill
 from node import DicomNode
+from node.workers import AssociationCounts, WorkerPool
 from storage import Archive, ArchiveError
+from storage.events import EventBus
 from storage.inbox import Inbox
 from storage.metadata_cache import MetadataPrefill
 
@@ -25,12 +27,16 @@ class StartupError(Exception):
     """The node cannot start (a port in use...); the message names the fix."""
 
 
-def open_archive(settings: Settings) -> Archive:
+def open_archive(settings: Settings, events: EventBus | None = None, repair: bool = True) -> Archive:
+    """The archive of ``settings``; ``events`` and ``repair`` are for worker processes
+    (node/workers.py), which forward their events and join a node already repaired."""
     try:
         return Archive(
             settings.storage.path,
             uid_root=settings.ae.uid_root,
             stable_after_s=settings.storage.stable_after_s,
+            events=events,
+            repair=repair,
         )
     except (OSError, ArchiveError) as exc:
         raise StartupError(
@@ -50,11 +56,17 @@ class Running:
     inbox: Inbox | None
     http_port: int
     metadata_prefill: MetadataPrefill | None = None
+    workers: WorkerPool | None = None
 
     async def stop(self, grace_s: float = 30.0) -> None:
         log.info("shutting down: no new associations or requests")
         await self.runner.cleanup()  # stops accepting, lets requests in flight finish
-        await asyncio.get_running_loop().run_in_executor(None, self.node.stop, grace_s)
+        loop = asyncio.get_running_loop()
+        if self.workers is not None:  # side by side with this process's own associations
+            workers_stopped = loop.run_in_executor(None, self.workers.stop, grace_s)
+        await loop.run_in_executor(None, self.node.stop, grace_s)
+        if self.workers is not None:
+            await workers_stopped
         if self.inbox is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.inbox.stop)
         if self.metadata_prefill is not None:
@@ -77,13 +89,20 @@ async def start(settings: Settings) -> Running:
     archive.start_stability_monitor()
     # builds /metadata cache entries of new instances in the background
     prefill = metadata_prefill(archive).subscribe()
-    node = DicomNode(settings, archive)
+    counts = AssociationCounts.shared(settings.ae.workers) if settings.ae.workers > 1 else None
+    node = DicomNode(settings, archive, counts)
     try:
         node.start()
     except OSError as exc:
         prefill.close()
         archive.close()
         raise _port_error("DIMSE", settings.ae.host, settings.ae.port, exc, "[ae] port", "--ae-port") from exc
+    workers = None
+    if counts is not None:
+        counts.active = lambda: len(node.active_associations())
+        assert node.server is not None
+        workers = WorkerPool(settings, archive, node.server.socket, counts, open_archive)
+        workers.start()  # they join as they are ready; this process accepts meanwhile
     app = create_app(settings, archive)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
     await runner.setup()
@@ -92,6 +111,8 @@ async def start(settings: Settings) -> Running:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
+        if workers is not None:
+            await asyncio.get_running_loop().run_in_executor(None, workers.stop, 0)
         await asyncio.get_running_loop().run_in_executor(None, node.stop, 0)
         prefill.close()
         archive.close()
@@ -106,6 +127,8 @@ async def start(settings: Settings) -> Running:
         except OSError as exc:
             inbox.stop()
             await runner.cleanup()
+            if workers is not None:
+                await asyncio.get_running_loop().run_in_executor(None, workers.stop, 0)
             await asyncio.get_running_loop().run_in_executor(None, node.stop, 0)
             prefill.close()
             archive.close()
@@ -113,13 +136,14 @@ async def start(settings: Settings) -> Running:
                 f"cannot watch the inbox {settings.inbox.path}: {exc}. Check [inbox] path in ae.toml: "
                 "it must be a folder this user can read and write"
             ) from exc
-    counts = archive.counts()
+    stored = archive.counts()
     log.info(
-        "dicomnode ready in %.2f s: AE %s on %s:%d, HTTP on http://%s:%d, archive %s (%d instances)",
+        "dicomnode ready in %.2f s: AE %s on %s:%d%s, HTTP on http://%s:%d, archive %s (%d instances)",
         time.perf_counter() - started, settings.ae.title, settings.ae.host, node.port,
-        settings.http.host, http_port, settings.storage.path, counts["instances"],
+        f" ({settings.ae.workers} processes)" if workers else "",
+        settings.http.host, http_port, settings.storage.path, stored["instances"],
     )
-    return Running(settings, archive, node, runner, inbox, http_port, prefill)
+    return Running(settings, archive, node, runner, inbox, http_port, prefill, workers)
 
 
 async def serve_forever(settings: Settings) -> None:

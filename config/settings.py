@@ -40,6 +40,7 @@ class AESettings:
     host: str = "127.0.0.1"
     port: int = 11112
     max_associations: int = 16
+    workers: int = 1  # processes accepting associations on the port (node/workers.py)
     require_known_peers: bool = False
     require_called_ae_title: bool = True
     max_pdu_size: int = 0  # 0 = unlimited, pynetdicom's meaning
@@ -252,6 +253,11 @@ def validate(settings: Settings) -> Settings:
     _validate_port("http.port", settings.http.port)
     if ae.max_associations < 1:
         raise ConfigError("ae.max_associations must be at least 1")
+    if not 1 <= ae.workers <= 64:
+        raise ConfigError(
+            f"ae.workers = {ae.workers} must be between 1 and 64: the number of processes that accept "
+            "DIMSE associations (1 = the serving process alone; about one per CPU core at most)"
+        )
     for key, host in (("ae.host", ae.host), ("http.host", settings.http.host)):
         if host not in ("localhost", "") and not _looks_like_host(host):
             raise ConfigError(f"{key} = {host!r} is not an IP address or host name")

@@ -58,6 +58,7 @@ class NodeContext:
     settings: Settings
     archive: Archive
     associations: dict[int, AssociationLog] = field(default_factory=dict)
+    association_counts: Any = None  # node.workers.AssociationCounts, with worker processes
 
     def peer_of(self, event: Event) -> AssociationLog:
         assoc = event.assoc
@@ -81,7 +82,7 @@ class NodeContext:
 # ---------------------------------------------------------------- connection events
 
 
-def handle_conn_open(event: Event) -> None:
+def handle_conn_open(event: Event, ctx: NodeContext) -> None:
     """Turn Nagle's algorithm off: every multi-response DIMSE operation would otherwise
     wait ~40 ms per PDU for the peer's delayed ACK."""
     sock = getattr(event.assoc.dul.socket, "socket", None)
@@ -90,6 +91,13 @@ def handle_conn_open(event: Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+    if ctx.association_counts is not None:  # what the other processes see of this one
+        ctx.association_counts.update()
+
+
+def handle_conn_close(event: Event, ctx: NodeContext) -> None:
+    if ctx.association_counts is not None:
+        ctx.association_counts.update(closing=1)
 
 
 def handle_requested(event: Event, ctx: NodeContext) -> None:

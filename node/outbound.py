@@ -171,7 +171,24 @@ def split_file_meta(raw: bytes) -> tuple[int, dict[int, str]]:
 class NodeAE(AE):
     """pynetdicom's AE; ``associate(..., outbound=True)`` opens a :class:`StoreRequestor`
     instead of a pynetdicom association (the move handler asks for it through the
-    keyword arguments of its destination)."""
+    keyword arguments of its destination).
+
+    With worker processes (node/workers.py), ``maximum_associations`` is what the
+    node's limit leaves after the associations the other processes serve, so that
+    pynetdicom's own check (A-ASSOCIATE-RJ, local limit exceeded) holds node-wide."""
+
+    association_counts: Any = None  # node.workers.AssociationCounts, when shared
+
+    @property
+    def maximum_associations(self) -> int:
+        limit = self._maximum_associations
+        if self.association_counts is not None:
+            limit -= self.association_counts.others()
+        return max(0, limit)
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
 
     def associate(self, addr: Any, port: int, contexts: Any = None, ae_title: str = "ANY-SCP",
                   *args: Any, outbound: bool = False, **kwargs: Any) -> Any:

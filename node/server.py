@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -41,11 +42,14 @@ QUERY_RETRIEVE = (
 class DicomNode:
     """Owns the AE and its listening server; ``start`` returns once it accepts."""
 
-    def __init__(self, settings: Settings, archive: Archive) -> None:
+    def __init__(self, settings: Settings, archive: Archive, association_counts: Any = None) -> None:
         self.settings = settings
         self.archive = archive
-        self.context = h.NodeContext(settings, archive)
+        # the associations each process of the node serves (node/workers.py), or None
+        self.association_counts = association_counts
+        self.context = h.NodeContext(settings, archive, association_counts=association_counts)
         self.ae = build_ae(settings)
+        self.ae.association_counts = association_counts
         # C-STORE datasets are received straight into the archive's temp folder
         # (node/store_receipt.py); an archive without one gets pynetdicom's temp files
         self.ae.dicomnode_receive_folder = archive.receive_folder()
@@ -53,7 +57,7 @@ class DicomNode:
         self.server: ThreadedAssociationServer | None = None
         archive.workitems.ae_title = settings.ae.title  # where a workitem's images are retrieved
         self.event_reporter = wl.EventReporter(settings, archive.events)
-        archive.metrics.gauge("dicomnode_associations_active", lambda: len(self.active_associations()))
+        archive.metrics.gauge("dicomnode_associations_active", self.associations_open)
 
     @property
     def port(self) -> int:
@@ -64,7 +68,8 @@ class DicomNode:
     def handlers(self) -> list[tuple[Any, ...]]:
         c = [self.context]
         return [
-            (evt.EVT_CONN_OPEN, h.handle_conn_open),
+            (evt.EVT_CONN_OPEN, h.handle_conn_open, c),
+            (evt.EVT_CONN_CLOSE, h.handle_conn_close, c),
             (evt.EVT_REQUESTED, h.handle_requested, c),
             (evt.EVT_ESTABLISHED, h.handle_established, c),
             (evt.EVT_RELEASED, h.handle_closed, c),
@@ -80,22 +85,33 @@ class DicomNode:
             (evt.EVT_N_ACTION, wl.handle_n_action, c),
         ]
 
-    def start(self) -> None:
+    def start(self, listening_socket: socket.socket | None = None, report_events: bool = True) -> None:
+        """Listen on ``[ae] host:port``, or accept on ``listening_socket``, a socket
+        another process of the node listens on (node/workers.py). ``report_events``:
+        send UPS N-EVENT-REPORTs from this process (the serving process does)."""
         ae = self.settings.ae
         # pynetdicom's AE.start_server(block=False), with the event-driven acceptor
         # associations of node/reactor.py, extended for C-MOVE/C-GET responses and
         # C-GET sub-operations by node/outbound.py (pynetdicom's own request_handler
         # argument).
+        server_class = type("NodeServer", (SharedAcceptServer,), {"adopted_socket": listening_socket})
         server = self.ae.make_server(
             (ae.host, ae.port), ae_title=ae.title, evt_handlers=self.handlers(),
-            server_class=ThreadedAssociationServer, request_handler=RetrieveRequestHandler,
+            server_class=server_class, request_handler=RetrieveRequestHandler,
         )
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
         thread.start()
         self.ae._servers.append(server)  # as start_server does; server.shutdown() removes it
         self.server = server
-        self.event_reporter.start()
-        log.info("DIMSE node %s listening on %s:%d", ae.title, ae.host, self.port)
+        if report_events:
+            self.event_reporter.start()
+        if listening_socket is None:
+            log.info("DIMSE node %s listening on %s:%d", ae.title, ae.host, self.port)
+
+    def associations_open(self) -> int:
+        """Associations open now, in every process of the node."""
+        here = len(self.active_associations())
+        return here + (self.association_counts.others() if self.association_counts is not None else 0)
 
     def active_associations(self) -> list:
         return self.server.active_associations if self.server else []
@@ -124,6 +140,34 @@ class DicomNode:
                 # raises InvalidEventError); closing the connection ends it cleanly
                 assoc.dul.socket.close()
         log.info("DIMSE node stopped")
+
+
+class SharedAcceptServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, whose listening socket other processes may accept
+    on too: accepting never blocks (a connection another process took first is simply
+    not ours), and with ``adopted_socket`` the server takes that socket instead of
+    binding its own."""
+
+    adopted_socket: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        if self.adopted_socket is None:
+            super().server_bind()
+        else:
+            self.socket.close()  # the one socketserver made, never bound
+            self.socket = self.adopted_socket
+            self.server_address = self.socket.getsockname()
+        self.socket.setblocking(False)
+
+    def server_activate(self) -> None:
+        if self.adopted_socket is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self.adopted_socket is None:
+            super().server_close()
+        else:  # a shutdown() would end the listening socket in every process
+            self.socket.close()
 
 
 def build_ae(settings: Settings) -> NodeAE:

@@ -93,6 +93,8 @@ class Archive:
         index: SQLiteIndex | None = None,
         blobs: BlobStore | None = None,
         metrics: Metrics | None = None,
+        events: EventBus | None = None,
+        repair: bool = True,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -102,14 +104,15 @@ class Archive:
         self.index = index or SQLiteIndex(self.root / "index.sqlite", MIGRATION_SETS)
         self.metadata_cache = MetadataCache(self.root / "cache" / "metadata")
         self.identity = IdentityStore(self.index)
-        self.events = EventBus()
+        self.events = events or EventBus()
         self.foreground = Foreground()  # requests being served; background work stands back
         self.metrics = metrics or Metrics()
         self.workitems = WorkitemStore(self.index, self.events, self.generate_uid)
         self._key_locks = [threading.Lock() for _ in range(64)]
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
-        self.repair()
+        if repair:  # off for a worker process joining a running node (node/workers.py)
+            self.repair()
         self.flusher: FolderFlusher | None = None
         self._temp_syncs: ThreadPoolExecutor | None = None
         if isinstance(self.blobs, FileBlobStore):
@@ -156,13 +159,19 @@ class Archive:
                 self.events.emit(StudyStable(study_uid=study_uid))
         return stable
 
-    def repair(self) -> dict[str, int]:
+    def repair(self, orphans_only: bool = False) -> dict[str, int]:
         """Finish or undo what a crash left half done: temp files, blobs being stored
-        when the process died, blobs whose deletion was not completed."""
+        when the process died, blobs whose deletion was not completed.
+
+        ``orphans_only``: only the stores of processes that are gone (a worker that
+        died while this process keeps serving); journal rows without an owner may be
+        work in flight here, and are left alone."""
         report = {"temp_removed": 0, "renamed": 0, "reindexed": 0, "dropped": 0, "deleted": 0}
         files = self.blobs if isinstance(self.blobs, FileBlobStore) else None
         done = []
         for pk, key, action, temp in self.index.journal_entries():
+            if orphans_only and not (temp and files is not None):
+                continue
             if temp and files is not None:
                 if files.temp_owner_alive(Path(temp)):
                     continue  # a store in flight in another live process: its own to finish

@@ -37,6 +37,11 @@ class Metrics:
         with self._lock:
             return self._values.get((name, tuple(sorted(labels.items()))), 0)
 
+    def counters(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """A copy of every counter, keyed by (name, sorted labels)."""
+        with self._lock:
+            return dict(self._values)
+
     def render(self) -> str:
         with self._lock:
             items = sorted(self._values.items())
