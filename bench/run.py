@@ -50,6 +50,7 @@ class Plan:
     stream_mb: int
     orthanc: bool
     fill_batch: int = 5000
+    workers: int = 4  # dicomnode's [ae] workers: one process per parallel association
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -59,6 +60,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     else:
         plan = Plan(False, args.instances or 500, 512, args.index_small or 10_000, args.index_size or 200_000,
                     args.repeats or 3, 15, 1000, 1024, 2048, args.orthanc != "no")
+    if args.workers is not None:
+        plan.workers = args.workers
     if plan.index_large < plan.index_small:
         plan.index_large = plan.index_small
     return plan
@@ -120,7 +123,8 @@ class Bench:
     # -- servers
     def start(self) -> None:
         self.servers["storescp"] = start_storescp(self.work / "storescp")
-        node, secs = start_dicomnode(self.work / "dicomnode", self.servers["storescp"])
+        node, secs = start_dicomnode(self.work / "dicomnode", self.servers["storescp"],
+                                     workers=self.plan.workers)
         self.servers["dicomnode"] = node
         self.log(f"dicomnode up in {secs:.2f} s (AE port {node.dimse_port}, HTTP {node.http_port})")
         if self.plan.orthanc:
@@ -542,6 +546,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="repeats per figure, the median is reported (default 3)")
     parser.add_argument("--orthanc", choices=("auto", "yes", "no"), default="auto",
                         help="measure Orthanc too (auto: yes unless --quick)")
+    parser.add_argument("--workers", type=int,
+                        help="dicomnode's [ae] workers, processes accepting associations (default 4)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default bench/results)")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a new temp folder, removed after)")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG")

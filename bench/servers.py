@@ -111,7 +111,7 @@ def start_storescp(folder: Path, ae_title: str = "VIEWER") -> Server:
 # ---------------------------------------------------------------- dicomnode
 
 
-def write_dicomnode_config(folder: Path, peer: Server | None) -> tuple[Path, int, int]:
+def write_dicomnode_config(folder: Path, peer: Server | None, workers: int = 1) -> tuple[Path, int, int]:
     folder.mkdir(parents=True, exist_ok=True)
     ae_port, http_port = free_port(), free_port()
     peers = ""
@@ -119,7 +119,7 @@ def write_dicomnode_config(folder: Path, peer: Server | None) -> tuple[Path, int
         peers = f'\n[[peers]]\nae_title = "{peer.ae_title}"\nhost = "127.0.0.1"\nport = {peer.dimse_port}\n'
     config = folder / "ae.toml"
     config.write_text(
-        f'[ae]\ntitle = "DICOMNODE"\nhost = "127.0.0.1"\nport = {ae_port}\nmax_associations = 32\n\n'
+        f'[ae]\ntitle = "DICOMNODE"\nhost = "127.0.0.1"\nport = {ae_port}\nmax_associations = 32\nworkers = {workers}\n\n'
         f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n\n'
         f'[storage]\npath = "{folder / "data"}"\n\n[auth]\nrequired = false\n{peers}'
     )
@@ -127,10 +127,11 @@ def write_dicomnode_config(folder: Path, peer: Server | None) -> tuple[Path, int
 
 
 def start_dicomnode(folder: Path, peer: Server | None, *, config: tuple[Path, int, int] | None = None,
-                    timeout: float = 120, repo: Path = REPO, name: str = "dicomnode") -> tuple[Server, float]:
+                    timeout: float = 120, repo: Path = REPO, name: str = "dicomnode",
+                    workers: int = 1) -> tuple[Server, float]:
     """Start ``python -m cli.main serve`` from this checkout; returns the server and the
     seconds until both the DIMSE port and ``/healthz`` answer."""
-    cfg, ae_port, http_port = config or write_dicomnode_config(folder, peer)
+    cfg, ae_port, http_port = config or write_dicomnode_config(folder, peer, workers)
     log_path = folder / "dicomnode.log"
     env = {**os.environ, "PYTHONPATH": str(repo)}
     started = time.perf_counter()
