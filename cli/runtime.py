@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -14,9 +16,13 @@ from config import Settings
 from dicomweb import create_app
 from dicomweb.wado import metadata_prefill
 from node import DicomNode
-from node.workers import AssociationCounts, WorkerPool
+from dicomweb.keys import API_LIMITER, LOGIN_LIMITER
+from node.server import AssociationCounts
 from storage import Archive, ArchiveError
 from storage.events import EventBus
+from storage.metrics import Metrics
+
+from .workers import WorkerPool
 from storage.inbox import Inbox
 from storage.metadata_cache import MetadataPrefill
 
@@ -27,9 +33,11 @@ class StartupError(Exception):
     """The node cannot start (a port in use...); the message names the fix."""
 
 
-def open_archive(settings: Settings, events: EventBus | None = None, repair: bool = True) -> Archive:
-    """The archive of ``settings``; ``events`` and ``repair`` are for worker processes
-    (node/workers.py), which forward their events and join a node already repaired."""
+def open_archive(settings: Settings, events: EventBus | None = None, repair: bool = True,
+                 metrics: Metrics | None = None) -> Archive:
+    """The archive of ``settings``; ``events``, ``repair`` and ``metrics`` are for worker
+    processes (cli/workers.py), which relay their events and counters and join a node
+    already repaired."""
     try:
         return Archive(
             settings.storage.path,
@@ -37,6 +45,7 @@ def open_archive(settings: Settings, events: EventBus | None = None, repair: boo
             stable_after_s=settings.storage.stable_after_s,
             events=events,
             repair=repair,
+            metrics=metrics,
         )
     except (OSError, ArchiveError) as exc:
         raise StartupError(
@@ -60,12 +69,12 @@ class Running:
 
     async def stop(self, grace_s: float = 30.0) -> None:
         log.info("shutting down: no new associations or requests")
-        await self.runner.cleanup()  # stops accepting, lets requests in flight finish
         loop = asyncio.get_running_loop()
-        if self.workers is not None:  # side by side with this process's own associations
-            workers_stopped = loop.run_in_executor(None, self.workers.stop, grace_s)
+        # the workers stop side by side with this process's own associations and requests
+        workers_stopped = loop.run_in_executor(None, self.workers.stop, grace_s) if self.workers else None
+        await self.runner.cleanup()  # stops accepting, lets requests in flight finish
         await loop.run_in_executor(None, self.node.stop, grace_s)
-        if self.workers is not None:
+        if workers_stopped is not None:
             await workers_stopped
         if self.inbox is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.inbox.stop)
@@ -97,12 +106,8 @@ async def start(settings: Settings) -> Running:
         prefill.close()
         archive.close()
         raise _port_error("DIMSE", settings.ae.host, settings.ae.port, exc, "[ae] port", "--ae-port") from exc
-    workers = None
     if counts is not None:
         counts.active = lambda: len(node.active_associations())
-        assert node.server is not None
-        workers = WorkerPool(settings, archive, node.server.socket, counts, open_archive)
-        workers.start()  # they join as they are ready; this process accepts meanwhile
     app = create_app(settings, archive)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
     await runner.setup()
@@ -111,14 +116,13 @@ async def start(settings: Settings) -> Running:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        if workers is not None:
-            await asyncio.get_running_loop().run_in_executor(None, workers.stop, 0)
         await asyncio.get_running_loop().run_in_executor(None, node.stop, 0)
         prefill.close()
         archive.close()
         raise _port_error("HTTP", settings.http.host, settings.http.port, exc, "[http] port",
                           "--http-port") from exc
-    http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    http_socket = site._server.sockets[0]  # type: ignore[union-attr]
+    http_port = http_socket.getsockname()[1]
     inbox = None
     if settings.inbox.path is not None:
         inbox = Inbox(settings.inbox.path, archive, settle_s=settings.inbox.settle_s)
@@ -127,8 +131,6 @@ async def start(settings: Settings) -> Running:
         except OSError as exc:
             inbox.stop()
             await runner.cleanup()
-            if workers is not None:
-                await asyncio.get_running_loop().run_in_executor(None, workers.stop, 0)
             await asyncio.get_running_loop().run_in_executor(None, node.stop, 0)
             prefill.close()
             archive.close()
@@ -136,12 +138,23 @@ async def start(settings: Settings) -> Running:
                 f"cannot watch the inbox {settings.inbox.path}: {exc}. Check [inbox] path in ae.toml: "
                 "it must be a folder this user can read and write"
             ) from exc
+    workers = None
+    if max(settings.ae.workers, settings.http.workers) > 1:
+        assert node.server is not None
+        workers = WorkerPool(
+            settings, archive, open_archive=open_archive,
+            dimse_socket=node.server.socket if counts is not None else None, counts=counts,
+            http_socket=socket.socket(fileno=os.dup(http_socket.fileno())) if settings.http.workers > 1 else None,
+            rate_limiters={"login": app[LOGIN_LIMITER], "api": app[API_LIMITER]},
+        )
+        workers.start()  # they join as they are ready; this process serves meanwhile
     stored = archive.counts()
     log.info(
-        "dicomnode ready in %.2f s: AE %s on %s:%d%s, HTTP on http://%s:%d, archive %s (%d instances)",
+        "dicomnode ready in %.2f s: AE %s on %s:%d%s, HTTP on http://%s:%d%s, archive %s (%d instances)",
         time.perf_counter() - started, settings.ae.title, settings.ae.host, node.port,
-        f" ({settings.ae.workers} processes)" if workers else "",
-        settings.http.host, http_port, settings.storage.path, stored["instances"],
+        f" ({settings.ae.workers} processes)" if settings.ae.workers > 1 else "",
+        settings.http.host, http_port, f" ({settings.http.workers} processes)" if settings.http.workers > 1 else "",
+        settings.storage.path, stored["instances"],
     )
     return Running(settings, archive, node, runner, inbox, http_port, prefill, workers)
 

@@ -55,6 +55,7 @@ class HTTPSettings:
     port: int = 8080
     cors_origins: tuple[str, ...] = ()
     max_request_mb: int = 4096
+    workers: int = 1  # processes serving HTTP on the port (cli/workers.py)
 
 
 @dataclass(frozen=True)
@@ -253,11 +254,13 @@ def validate(settings: Settings) -> Settings:
     _validate_port("http.port", settings.http.port)
     if ae.max_associations < 1:
         raise ConfigError("ae.max_associations must be at least 1")
-    if not 1 <= ae.workers <= 64:
-        raise ConfigError(
-            f"ae.workers = {ae.workers} must be between 1 and 64: the number of processes that accept "
-            "DIMSE associations (1 = the serving process alone; about one per CPU core at most)"
-        )
+    for key, workers, what in (("ae.workers", ae.workers, "accept DIMSE associations"),
+                               ("http.workers", settings.http.workers, "serve HTTP requests")):
+        if not 1 <= workers <= 64:
+            raise ConfigError(
+                f"{key} = {workers} must be between 1 and 64: the number of processes that {what} "
+                "(1 = the serving process alone)"
+            )
     for key, host in (("ae.host", ae.host), ("http.host", settings.http.host)):
         if host not in ("localhost", "") and not _looks_like_host(host):
             raise ConfigError(f"{key} = {host!r} is not an IP address or host name")

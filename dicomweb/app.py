@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
 
 from aiohttp import web
 
@@ -16,7 +17,7 @@ from .cors import CorsPolicy, install_cors
 from .auth import make_auth_middleware
 from .credentials import IdentityService
 from .errors import error_middleware
-from .keys import ARCHIVE, EXECUTOR, LOGIN_LIMITER, SETTINGS, TOKEN_SIGNER
+from .keys import API_LIMITER, ARCHIVE, EXECUTOR, LOGIN_LIMITER, SETTINGS, TOKEN_SIGNER
 from .limits import RateLimiter
 from .tokens import signer_for
 
@@ -57,9 +58,12 @@ def _family(path: str) -> str:
     return parts[0] or "root"
 
 
-def create_app(settings: Settings, archive: Archive) -> web.Application:
+def create_app(settings: Settings, archive: Archive, rate_limiters: Mapping[str, Any] | None = None) -> web.Application:
+    """The node's HTTP app. ``rate_limiters`` (``login``, ``api``): limiters to count
+    against instead of this app's own (a worker process counts in the serving one's)."""
+    limiters = rate_limiters or {"login": RateLimiter(), "api": RateLimiter()}
     signer = signer_for(settings)
-    authenticator = IdentityService(archive.identity, signer)
+    authenticator = IdentityService(archive.identity, signer, limiters["api"])
     cors = CorsPolicy(settings.http.cors_origins)
     app = web.Application(
         middlewares=[
@@ -73,7 +77,8 @@ def create_app(settings: Settings, archive: Archive) -> web.Application:
     app[SETTINGS] = settings
     app[ARCHIVE] = archive
     app[TOKEN_SIGNER] = signer
-    app[LOGIN_LIMITER] = RateLimiter()
+    app[LOGIN_LIMITER] = limiters["login"]
+    app[API_LIMITER] = limiters["api"]
     install_cors(app, cors)
 
     async def executor_ctx(app: web.Application):

@@ -19,3 +19,4 @@ ARCHIVE = web.AppKey("archive", Archive)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 TOKEN_SIGNER = web.AppKey("token_signer", TokenSigner)
 LOGIN_LIMITER: web.AppKey["RateLimiter"] = web.AppKey("login_limiter")  # token endpoints, per address
+API_LIMITER: web.AppKey["RateLimiter"] = web.AppKey("api_limiter")  # API-key plans, per credential

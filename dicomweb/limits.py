@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -44,13 +45,15 @@ def plan(name: str | None) -> Plan | None:
 
 
 class RateLimiter:
-    """Sliding one-minute window per credential, in this process."""
+    """Sliding one-minute window per credential. Thread-safe: with worker processes
+    (cli/workers.py) the serving process's limiters answer for all of them."""
 
     def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self.clock = clock
         self._calls: dict[str, deque[float]] = {}
         self._checks = 0
+        self._lock = threading.Lock()
 
     SWEEP_EVERY = 4096  # calls between sweeps of idle credentials (keeps memory bounded)
 
@@ -58,6 +61,10 @@ class RateLimiter:
         """Seconds to wait when this call is over the limit (not counted), else None (counted)."""
         if per_window is None:
             return None
+        with self._lock:
+            return self._retry_after(credential, per_window)
+
+    def _retry_after(self, credential: str, per_window: int) -> int | None:
         now = self.clock()
         self._checks += 1
         if self._checks % self.SWEEP_EVERY == 0:

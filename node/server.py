@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (
@@ -168,6 +169,32 @@ class SharedAcceptServer(ThreadedAssociationServer):
             super().server_close()
         else:  # a shutdown() would end the listening socket in every process
             self.socket.close()
+
+
+class AssociationCounts:
+    """How many associations each process of the node serves: one slot per process in
+    shared memory, written only by its owner."""
+
+    def __init__(self, slots: Any, index: int) -> None:
+        self.slots = slots  # multiprocessing RawArray('i', processes)
+        self.index = index
+        self.active: Callable[[], int] = lambda: 0  # this process's count, once serving
+
+    @classmethod
+    def shared(cls, processes: int) -> "AssociationCounts":
+        """The serving process's counts (slot 0), with a slot for each worker."""
+        return cls(multiprocessing.get_context("spawn").RawArray("i", processes), 0)
+
+    def update(self, closing: int = 0) -> None:
+        """Publish this process's count (``closing``: connections ending right now)."""
+        self.slots[self.index] = max(0, self.active() - closing)
+
+    def others(self) -> int:
+        return sum(self.slots) - self.slots[self.index]
+
+    def clear(self, index: int) -> None:
+        """A process that is gone serves nothing."""
+        self.slots[index] = 0
 
 
 def build_ae(settings: Settings) -> NodeAE:

@@ -1,19 +1,29 @@
-"""Worker processes (``[ae] workers``): more processes accepting associations on the
-node's port, over the same archive."""
+"""Worker processes (``[ae] workers``, ``[http] workers``): more processes accepting
+associations and HTTP connections on the node's ports, over the same archive."""
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
+import requests
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from storage.events import InstanceStored
 from tests import corpus
 from tests.conftest import dcmtk, make_settings
+from tests.dicomweb_http import stow_datasets
+from tests.identity_helpers import Credentials, bearer
+from tests.worklist_helpers import change_state_over_dimse, new_transaction_uid, ups_dataset
+
+SUMMARY = "/api/developer/profiles/activity-summary/"
 from tests.support import acknowledged, serve, wait_until  # noqa: F401 (fixture)
 
 
@@ -194,3 +204,94 @@ def test_serve_with_workers_stops_them_on_sigterm(serve, tmp_path):
     assert process.wait_exit(60) == 0
     assert not any(_alive(pid) for pid in workers)
     assert "stopped cleanly" in process.log()
+
+
+# ------------------------------------------------------------------ HTTP workers
+
+
+@pytest.fixture
+def http_workers_node(start_node):
+    node = start_node(http={"workers": 2})
+    assert node.running.workers.wait_ready(60)
+    return node
+
+
+def _served_by_workers(node) -> float:
+    return node.running.workers.relayed["dicomnode_http_requests_total"]
+
+
+def test_stow_served_by_an_http_worker_stores_into_the_same_archive(http_workers_node):
+    node = http_workers_node
+    datasets = corpus.ct_series(20, size=32)
+    for ds in datasets:  # a connection each: the kernel gives each to one process
+        assert stow_datasets(node.base_url, [ds]).status_code == 200
+    wait_until(lambda: _served_by_workers(node) > 0, timeout=10, what="a request served by the worker")
+    for ds in datasets:
+        assert _stored(node, ds) is not None
+
+
+def test_a_rate_limit_counts_the_calls_of_every_process(start_node):
+    node = start_node(http={"workers": 2}, auth={"required": True})
+    assert node.running.workers.wait_ready(60)
+    credentials = Credentials(node)
+    key = credentials.api_key(plan="developer")  # 60 calls a minute
+    statuses = [requests.get(credentials.url(SUMMARY), headers=bearer(key), timeout=30).status_code
+                for _ in range(70)]
+    assert statuses.count(200) == 60
+    assert statuses.count(429) == 10
+    wait_until(lambda: _served_by_workers(node) > 0, timeout=10, what="a request served by the worker")
+
+
+def test_metrics_answered_by_any_process_are_the_nodes(http_workers_node):
+    node = http_workers_node
+    for ds in corpus.ct_series(10, size=32):
+        assert stow_datasets(node.base_url, [ds]).status_code == 200
+
+    def every_answer_counts_all() -> bool:
+        answers = [requests.get(node.base_url + "/metrics", timeout=30).text for _ in range(8)]
+        return all('dicomnode_instances_stored_total{source="http"} 10\n' in text for text in answers)
+
+    wait_until(every_answer_counts_all, timeout=10, what="every process's /metrics to count 10 instances")
+    assert _served_by_workers(node) > 0
+
+
+async def test_every_websocket_subscriber_hears_workitem_events_whichever_process_holds_it(http_workers_node):
+    node = http_workers_node
+    uid = await asyncio.to_thread(created_workitem_over_http, node)
+    ws_url = node.base_url.replace("http://", "ws://") + "/dicomweb/subscribers/WEBVIEWER"
+    sessions = [aiohttp.ClientSession() for _ in range(6)]  # a connection each
+    try:
+        channels = [await session.ws_connect(ws_url) for session in sessions]
+        async with sessions[0].post(f"{node.base_url}/dicomweb/workitems/{uid}/subscribers/WEBVIEWER") as response:
+            assert response.status == 201
+        status = await asyncio.to_thread(change_state_over_dimse, node, uid, "IN PROGRESS", new_transaction_uid())
+        assert status == 0x0000
+        for ws in channels:
+            event = await _next_event(ws, "IN PROGRESS")
+            assert event["00001000"]["Value"] == [uid]
+    finally:
+        for session in sessions:
+            await session.close()
+    # a channel's request is counted when it closes
+    await asyncio.to_thread(wait_until, lambda: _served_by_workers(node) > 0, 10, what="a channel held by the worker")
+
+
+def created_workitem_over_http(node) -> str:
+    uid = generate_uid()
+    response = requests.post(f"{node.base_url}/dicomweb/workitems", params={"workitem": uid},
+                             data=json.dumps([ups_dataset().to_json_dict()]),
+                             headers={"Content-Type": "application/dicom+json"}, timeout=30)
+    assert response.status_code == 201, response.text
+    return uid
+
+
+async def _next_event(ws, state: str) -> dict:
+    while True:
+        message = await asyncio.wait_for(ws.receive_json(), timeout=30)
+        if message.get("00741000", {}).get("Value") == [state]:
+            return message
+
+
+def test_http_workers_out_of_range_are_a_configuration_error(tmp_path):
+    with pytest.raises(ValueError, match="http.workers"):
+        make_settings(tmp_path, http={"workers": 65})
