@@ -40,7 +40,7 @@ class AESettings:
     host: str = "127.0.0.1"
     port: int = 11112
     max_associations: int = 16
-    workers: int = 1  # processes accepting associations on the port (node/workers.py)
+    workers: int = 1  # processes accepting associations on the port (cli/workers.py)
     require_known_peers: bool = False
     require_called_ae_title: bool = True
     max_pdu_size: int = 0  # 0 = unlimited, pynetdicom's meaning

@@ -173,7 +173,7 @@ class NodeAE(AE):
     instead of a pynetdicom association (the move handler asks for it through the
     keyword arguments of its destination).
 
-    With worker processes (node/workers.py), ``maximum_associations`` is what the
+    With worker processes (cli/workers.py), ``maximum_associations`` is what the
     node's limit leaves after the associations the other processes serve, so that
     pynetdicom's own check (A-ASSOCIATE-RJ, local limit exceeded) holds node-wide."""
 

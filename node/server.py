@@ -46,7 +46,7 @@ class DicomNode:
     def __init__(self, settings: Settings, archive: Archive, association_counts: Any = None) -> None:
         self.settings = settings
         self.archive = archive
-        # the associations each process of the node serves (node/workers.py), or None
+        # the associations each process of the node serves (cli/workers.py), or None
         self.association_counts = association_counts
         self.context = h.NodeContext(settings, archive, association_counts=association_counts)
         self.ae = build_ae(settings)
@@ -88,7 +88,7 @@ class DicomNode:
 
     def start(self, listening_socket: socket.socket | None = None, report_events: bool = True) -> None:
         """Listen on ``[ae] host:port``, or accept on ``listening_socket``, a socket
-        another process of the node listens on (node/workers.py). ``report_events``:
+        another process of the node listens on (cli/workers.py). ``report_events``:
         send UPS N-EVENT-REPORTs from this process (the serving process does)."""
         ae = self.settings.ae
         # pynetdicom's AE.start_server(block=False), with the event-driven acceptor

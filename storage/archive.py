@@ -111,7 +111,7 @@ class Archive:
         self._key_locks = [threading.Lock() for _ in range(64)]
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
-        if repair:  # off for a worker process joining a running node (node/workers.py)
+        if repair:  # off for a worker process joining a running node (cli/workers.py)
             self.repair()
         self.flusher: FolderFlusher | None = None
         self._temp_syncs: ThreadPoolExecutor | None = None
