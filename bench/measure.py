@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .servers import NODELAY_ENV, Server, dcmtk, rss_mb
+from .servers import NODELAY_ENV, Server, child_pids, dcmtk, rss_mb
 
 STORESCU_CHUNK = 2000  # files per storescu invocation (command line length)
 
@@ -278,14 +278,20 @@ def stow(server: Server, files: list[Path], clients: int, per_request: int = 50,
     return _timed_parallel(post, queues, timeout, errors, f"STOW to {server.name}")
 
 
-def peak_rss_during(pid: int, work: Callable[[], object], interval: float = 0.02) -> tuple[float, object]:
-    """Run ``work`` while sampling the RSS of ``pid``; (peak MB, work's result)."""
-    peak = [rss_mb(pid)]
+def peak_rss_during(pid: int, work: Callable[[], object], interval: float = 0.02) -> tuple[dict[str, float], object]:
+    """Run ``work`` while sampling the RSS of ``pid`` and of its worker processes;
+    ({"process": the largest peak of one of them, "total": the peak of their sum},
+    work's result)."""
+    peak = {"process": 0.0, "total": 0.0}
     done = threading.Event()
 
     def sample() -> None:
-        while not done.wait(interval):
-            peak[0] = max(peak[0], rss_mb(pid))
+        while True:
+            sizes = [rss_mb(p) for p in (pid, *child_pids(pid))]
+            peak["process"] = max(peak["process"], *sizes)
+            peak["total"] = max(peak["total"], sum(sizes))
+            if done.wait(interval):
+                return
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -294,7 +300,7 @@ def peak_rss_during(pid: int, work: Callable[[], object], interval: float = 0.02
     finally:
         done.set()
         sampler.join(5)
-    return peak[0], result
+    return peak, result
 
 
 def stow_stream(server: Server, template: Path, total_bytes: int, timeout: float = 1800) -> float:

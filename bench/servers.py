@@ -64,6 +64,20 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a dicomnode's workers, say)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
 @dataclass
 class Server:
     """A started peer: its name, AE title, ports and process."""
@@ -120,7 +134,7 @@ def write_dicomnode_config(folder: Path, peer: Server | None, workers: int = 1) 
     config = folder / "ae.toml"
     config.write_text(
         f'[ae]\ntitle = "DICOMNODE"\nhost = "127.0.0.1"\nport = {ae_port}\nmax_associations = 32\nworkers = {workers}\n\n'
-        f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n\n'
+        f'[http]\nhost = "127.0.0.1"\nport = {http_port}\nworkers = {workers}\n\n'
         f'[storage]\npath = "{folder / "data"}"\n\n[auth]\nrequired = false\n{peers}'
     )
     return config, ae_port, http_port

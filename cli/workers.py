@@ -362,6 +362,8 @@ class WorkerPool:
         child_conn.close()
         worker.process, worker.conn, worker.started_at = process, parent_conn, time.monotonic()
         worker.ready.clear()
+        if self._stopping.is_set():  # stop() came while this one was starting: it missed the word
+            worker.send("stop", 0.0)
         thread = threading.Thread(target=self._relay, args=(worker,), name=f"worker-{worker.index}-relay",
                                   daemon=True)
         thread.start()
