@@ -61,6 +61,20 @@ def _associations_on_every_process(node, most: int = 40, spare: bool = False) ->
     pytest.fail(f"associations never reached every process: {_slots(node)}")
 
 
+def _store_on_every_process(node, end: str = "release") -> list:
+    """One instance stored over an association with each process; then each
+    association is released (or aborted)."""
+    held = _associations_on_every_process(node)
+    datasets = corpus.ct_series(len(held), size=32)
+    try:
+        for assoc, ds in zip(held, datasets):
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        for assoc in held:
+            getattr(assoc, end)()
+    return datasets
+
+
 @pytest.fixture
 def two_process_node(start_node):
     node = start_node(ae={"workers": 2})
@@ -70,14 +84,7 @@ def two_process_node(start_node):
 
 def test_a_worker_process_stores_into_the_same_archive(two_process_node):
     node = two_process_node
-    held = _associations_on_every_process(node)
-    datasets = corpus.ct_series(len(held), size=32)
-    try:
-        for assoc, ds in zip(held, datasets):
-            assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        for assoc in held:
-            assoc.release()
+    datasets = _store_on_every_process(node)
     for ds in datasets:
         assert _stored(node, ds) is not None
 
@@ -90,28 +97,14 @@ def test_instances_a_worker_stores_are_announced_in_the_serving_process(two_proc
     node = two_process_node
     announced: list[str] = []
     node.archive.events.subscribe(InstanceStored, lambda e: announced.append(e.result.sop_instance_uid))
-    held = _associations_on_every_process(node)
-    datasets = corpus.ct_series(len(held), size=32)
-    try:
-        for assoc, ds in zip(held, datasets):
-            assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        for assoc in held:
-            assoc.release()
+    datasets = _store_on_every_process(node)
     wait_until(lambda: len(announced) == len(datasets), timeout=10)
     assert sorted(announced) == sorted(ds.SOPInstanceUID for ds in datasets)
 
 
 def test_a_workers_counters_reach_the_serving_processs_metrics(two_process_node):
     node = two_process_node
-    held = _associations_on_every_process(node)
-    datasets = corpus.ct_series(len(held), size=32)
-    try:
-        for assoc, ds in zip(held, datasets):
-            assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        for assoc in held:
-            assoc.release()
+    datasets = _store_on_every_process(node)
     metrics = node.archive.metrics
     wait_until(lambda: metrics.value("dicomnode_instances_stored_total", source="dimse") == len(datasets),
                timeout=10)
@@ -139,14 +132,7 @@ def test_the_association_limit_holds_for_the_whole_node(start_node):
 
 def test_a_killed_worker_is_started_again_and_its_acknowledged_stores_are_kept(two_process_node, tmp_path):
     node = two_process_node
-    held = _associations_on_every_process(node)
-    datasets = corpus.ct_series(len(held), size=32)
-    try:
-        for assoc, ds in zip(held, datasets):
-            assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        for assoc in held:
-            assoc.abort()
+    datasets = _store_on_every_process(node, end="abort")
     (old_pid,) = node.running.workers.pids()
     os.kill(old_pid, signal.SIGKILL)
     wait_until(lambda: node.running.workers.pids() not in ([], [old_pid]), timeout=30)
