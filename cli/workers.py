@@ -222,7 +222,7 @@ def run_worker(config: WorkerConfig, conn: Connection, dimse_socket: socket.sock
     serves = " and ".join(name for name, sock in (("DIMSE", dimse_socket), ("HTTP", http_socket)) if sock)
     try:
         if http_socket is not None:
-            asyncio.run(_serve_http(config, archive, link, http_socket, stop, grace, tick, serves))
+            asyncio.run(_serve_http(config, archive, link, http_socket, stop, grace, tick, serves, node))
         else:
             link.send("ready", os.getpid())
             log.info("worker %d (pid %d) serving %s", config.index, os.getpid(), serves)
@@ -230,7 +230,7 @@ def run_worker(config: WorkerConfig, conn: Connection, dimse_socket: socket.sock
                 tick()
     finally:
         if node is not None:
-            node.stop(grace[0])
+            node.stop(grace[0])  # once only: a second call returns at once
         if counts is not None:
             counts.clear(config.index)
         archive.close()
@@ -239,8 +239,11 @@ def run_worker(config: WorkerConfig, conn: Connection, dimse_socket: socket.sock
 
 
 async def _serve_http(config: WorkerConfig, archive: Archive, link: ParentLink, sock: socket.socket,
-                      stop: threading.Event, grace: list[float], tick: Callable[[], None], serves: str) -> None:
-    """The HTTP side of a worker: the node's app on the inherited socket, until ``stop``."""
+                      stop: threading.Event, grace: list[float], tick: Callable[[], None], serves: str,
+                      node: Any) -> None:
+    """The HTTP side of a worker: the node's app on the inherited socket, until ``stop``;
+    then its requests and ``node``'s associations (if it serves DIMSE too) finish side by
+    side."""
     from aiohttp import web
 
     from dicomweb import create_app
@@ -258,7 +261,10 @@ async def _serve_http(config: WorkerConfig, archive: Archive, link: ParentLink, 
             await loop.run_in_executor(None, stop.wait, METRICS_EVERY_S)
             tick()
     finally:
+        associations_done = loop.run_in_executor(None, node.stop, grace[0]) if node is not None else None
         await runner.cleanup()  # requests in flight finish
+        if associations_done is not None:
+            await associations_done
 
 
 # ---------------------------------------------------------------- in the serving process
