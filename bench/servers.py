@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -144,9 +145,11 @@ def start_dicomnode(folder: Path, peer: Server | None, *, config: tuple[Path, in
                     timeout: float = 120, repo: Path = REPO, name: str = "dicomnode",
                     workers: int = 1) -> tuple[Server, float]:
     """Start ``python -m cli.main serve`` from this checkout; returns the server and the
-    seconds until both the DIMSE port and ``/healthz`` answer."""
+    seconds until both the DIMSE port and ``/healthz`` answer. With worker processes it
+    returns once they serve too (``extra["all_processes_s"]``: the seconds until then)."""
     cfg, ae_port, http_port = config or write_dicomnode_config(folder, peer, workers)
     log_path = folder / "dicomnode.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     env = {**os.environ, "PYTHONPATH": str(repo)}
     started = time.perf_counter()
     with open(log_path, "ab") as log:
@@ -162,6 +165,15 @@ def start_dicomnode(folder: Path, peer: Server | None, *, config: tuple[Path, in
     if not ok:
         server.stop()
         raise RuntimeError(f"dicomnode did not start; see {log_path}")
+    expected = max(int(n) for n in re.findall(r"^workers = (\d+)", cfg.read_text(), re.M)) - 1
+    deadline = time.monotonic() + timeout
+    while expected > 0 and len(re.findall(rb"worker \d+ \(pid \d+\) serving",
+                                          log_path.read_bytes()[log_start:])) < expected:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            server.stop()
+            raise RuntimeError(f"dicomnode's worker processes did not start; see {log_path}")
+        time.sleep(0.02)
+    server.extra["all_processes_s"] = time.perf_counter() - started
     return server, elapsed
 
 
