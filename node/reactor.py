@@ -14,7 +14,9 @@ decoding, ACSE) and changes only how the threads wait:
   two input queues (primitives to send, state-machine events) signal on ``put``;
 - the association thread's non-blocking look for a DIMSE message waits for one briefly
   on the message queue instead of returning empty at once, and its loop
-  (``EventDrivenAssociation._run_reactor``) no longer sleeps 1 ms on every pass.
+  (``EventDrivenAssociation._run_reactor``) no longer sleeps 1 ms on every pass;
+- a C-STORE received straight into the archive (``EventDrivenDIMSE``) is served on the
+  DUL thread that received it, while the association thread serves nothing.
 
 Both waits are bounded (``POLL_S``), so timers, kill flags and release/abort checks run
 as before. It is wired in through pynetdicom's public ``request_handler`` argument of
@@ -28,6 +30,7 @@ import os
 import queue
 import select
 import ssl
+import threading
 from typing import Any
 
 from copy import deepcopy
@@ -273,7 +276,26 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
         request._dataset_file = receipt.file
         if receipt.file.error is not None:
             request._dicomnode_receive_error = receipt.file.error  # handle_store answers 0xA700
-        self.msg_queue.put((receipt.context_id, request))
+        if not self._serve_here(request, receipt.context_id):
+            self.msg_queue.put((receipt.context_id, request))
+
+    def _serve_here(self, request: Any, context_id: int) -> bool:
+        """Serve a received C-STORE on this thread, the DUL thread that received it,
+        instead of handing it to the association thread (a queue, a wake-up, the GIL
+        passed twice: about 4% of the CPU time of a 0.5 MB instance). Only while the
+        association thread serves nothing (its lock: one request at a time writes to
+        the connection) and has nothing queued; False: queue it as pynetdicom does."""
+        assoc = self.assoc
+        serving = getattr(assoc, "serving", None)
+        if serving is None or not assoc.is_established or not assoc._reactor_checkpoint.is_set():
+            return False
+        if self.msg_queue.qsize() or not serving.acquire(blocking=False):
+            return False
+        try:
+            assoc._serve_request(request, context_id)
+        finally:
+            serving.release()
+        return True
 
     def _recv_listeners(self) -> bool:
         """Whether ``EVT_DIMSE_RECV`` has a listener that does anything: pynetdicom's
@@ -381,6 +403,7 @@ class EventDrivenAssociation(Association):
         super().__init__(ae, mode)
         self.dul = EventDrivenDUL(self)
         self.dimse = self.dimse_class(self)
+        self.serving = threading.Lock()  # held while a request is served, by either thread
         self.quiet_find_logging()
 
     def run(self) -> None:
@@ -409,7 +432,8 @@ class EventDrivenAssociation(Association):
 
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
-                self._serve_request(msg, context_id)
+                with self.serving:
+                    self._serve_request(msg, context_id)
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)

@@ -2,6 +2,7 @@
 behave as pynetdicom's: echo, store, find, release, abort, peer disconnect."""
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 
@@ -58,6 +59,22 @@ def test_many_stores_and_a_multi_response_find_on_one_association(node):
     finally:
         assoc.release()
     assert _wait_until_no_associations(node)
+
+
+def test_a_c_store_is_served_by_the_thread_that_received_it(node, caplog):
+    caplog.set_level(logging.INFO, logger="dicomnode.archive")
+    assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    [accepted] = node.running.node.active_associations()
+    datasets = corpus.ct_series(3, size=16)
+    try:
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    stored = [r for r in caplog.records if r.name == "dicomnode.archive" and r.getMessage().startswith("stored ")]
+    assert len(stored) == len(datasets)
+    # the DUL thread, not the association thread
+    assert {r.thread for r in stored} == {accepted.dul.ident}
 
 
 def test_peer_abort_ends_the_association(node):
