@@ -203,7 +203,14 @@ def handle_store(event: Event, ctx: NodeContext) -> int:
         if isinstance(received, Path):
             # STORE_RECV_CHUNKED_DATASET (node/server.py): pynetdicom wrote the dataset
             # to a file as it arrived; the archive takes that file over.
-            ctx.archive.store_received_file(received, ctx.source(event))
+            try:
+                ctx.archive.store_received_file(received, ctx.source(event))
+            finally:
+                # The archive took the file over (renamed into place, or removed): nothing
+                # is left for pynetdicom to unlink after this handler.
+                dataset_file, event.request._dataset_file = event.request._dataset_file, None
+                if dataset_file is not None:
+                    dataset_file.close()
         else:
             ctx.archive.store_bytes(event.encoded_dataset(include_meta=True), ctx.source(event))
     except ArchiveError as exc:

@@ -108,13 +108,20 @@ class FileBlobStore:
 
     # The steps of ``commit`` (sync_temp, place, sync_folders), for a caller that runs
     # them beside other work (the archive's ingest commit). Same order, same guarantees.
-    def sync_temp(self, temp_path: Path) -> None:
-        """Make the temp file's content durable."""
+    def sync_temp(self, temp_path: Path, fd: int | None = None) -> None:
+        """Make the temp file's content durable (through ``fd`` when the caller has it
+        open: on Linux any descriptor of the file will do)."""
         try:
-            with open(temp_path, "rb+") as fh:
-                # content and what is needed to read it back (size, blocks), as fsync
-                # less the timestamps
-                os.fdatasync(fh.fileno())
+            # content and what is needed to read it back (size, blocks), as fsync less
+            # the timestamps
+            if fd is not None:
+                os.fdatasync(fd)
+                return
+            fd = os.open(temp_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise StorageFailure(f"could not write {temp_path.name}: {exc.strerror or exc}") from exc
 

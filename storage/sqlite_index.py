@@ -421,6 +421,7 @@ class SQLiteIndex:
         if self._writer.startup_error is not None:
             raise StorageFailure(f"cannot open the index {self.path}: {self._writer.startup_error}")
         self._local = threading.local()
+        self._upsert_hooks: list[Callable[[sqlite3.Connection, InstanceRecord], None]] = []
         self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()  # a dead thread's goes with it
         self._readers_lock = threading.Lock()
         self._closed = False
@@ -505,11 +506,25 @@ class SQLiteIndex:
 
     # -- ingest
     def upsert_instance(self, record: InstanceRecord, journal_pk: int | None = None) -> UpsertOutcome:
-        return self.write(lambda c: _upsert(c, record, journal_pk))
+        return self.write(lambda c: self._upsert(c, record, journal_pk))
 
     def upsert_instance_async(self, record: InstanceRecord, durable: bool = True) -> "Future[UpsertOutcome]":
         """Queue the upsert; the journal row of the blob stays until ``journal_finished``."""
-        return self.submit(lambda c: _upsert(c, record, None), durable)
+        return self.submit(lambda c: self._upsert(c, record, None), durable)
+
+    def on_upsert(self, hook: Callable[[sqlite3.Connection, InstanceRecord], None]) -> None:
+        """Run ``hook(conn, record)`` inside the transaction of every instance upsert of
+        this index, after the instance's rows are written (a feature that keeps rows
+        about instances, such as the workitems' images, stays in step with them: what
+        it reads there is what every process committed before, and what it writes
+        commits, or not, with the instance)."""
+        self._upsert_hooks.append(hook)
+
+    def _upsert(self, conn: sqlite3.Connection, record: InstanceRecord, journal_pk: int | None) -> UpsertOutcome:
+        outcome = _upsert(conn, record, journal_pk)
+        for hook in self._upsert_hooks:
+            hook(conn, record)
+        return outcome
 
     def forget_blob(self, blob_key: str) -> list[int]:
         """Remove the instance row that points at ``blob_key`` (its file never became

@@ -28,9 +28,9 @@ from sqlite_utils.migrations import Migrations
 
 from .attributes import Attribute, normalize_date, normalize_time
 from .errors import DuplicateWorkitem, InvalidQuery, InvalidWorkitem, WorkitemNotFound, WorkitemStateError
-from .events import EventBus, InstanceStored
+from .events import EventBus
 from .query import _condition
-from .sqlite_index import SQLiteIndex
+from .sqlite_index import InstanceRecord, SQLiteIndex
 from .uids import is_valid_uid
 from .workitem_model import (
     ALREADY_CANCELED, ALREADY_COMPLETED, CANCEL_REQUESTED, CANCELED, COMPLETED, COMPLETION_REQUIRED,
@@ -199,7 +199,7 @@ class WorkitemStore:
         self.events = events
         self.generate_uid = generate_uid
         self.ae_title = ae_title  # where the images of a workitem can be retrieved
-        self._unsubscribe = events.subscribe(InstanceStored, self._on_instance_stored)
+        index.on_upsert(self._on_instance_indexed)
 
     # ------------------------------------------------------------------ create / delete
     def create(self, ds: Dataset, organization: str, uid: str | None = None,
@@ -484,17 +484,15 @@ class WorkitemStore:
             self.events.emit(WorkitemEvent(item.uid, event_type, info, recipients, item.organization))
 
     # ------------------------------------------------------------------ images
-    def _on_instance_stored(self, event: InstanceStored) -> None:
-        result = event.result
-        found = self.index.reader().execute(
-            "SELECT 1 FROM workitems WHERE study_uid = ? AND org = ? LIMIT 1",
-            (result.study_uid, result.organization),
-        ).fetchone()
-        if not found:
-            return
-        image = (result.series_uid, result.sop_class_uid, result.sop_instance_uid)
-        self.index.write(lambda c: _record_image(c, result.study_uid, result.organization, image))
-        log.info("instance %s recorded on the workitem(s) of study %s", result.sop_instance_uid, result.study_uid)
+    def _on_instance_indexed(self, conn: sqlite3.Connection, record: InstanceRecord) -> None:
+        """An instance of a study with workitems is one of their images. Runs in the
+        instance's own index transaction (whichever process stores it): it sees every
+        workitem committed before, and a workitem created after finds the instance
+        (``_attach_existing_images``); a study without workitems costs one indexed
+        lookup there, and no read of its own."""
+        image = (record.series_uid, record.instance.get("sop_class_uid", ""), record.sop_instance_uid)
+        if _record_image(conn, record.study_uid, record.organization, image):
+            log.info("instance %s recorded on the workitem(s) of study %s", record.sop_instance_uid, record.study_uid)
 
 
 def _state_event(item: Workitem, recipients: tuple[str, ...]) -> WorkitemEvent:
@@ -554,12 +552,15 @@ def _org_filter(where: list[str], params: list[Any], organizations: tuple[str, .
     params.extend(organizations)
 
 
-def _record_image(conn: sqlite3.Connection, study_uid: str, org: str, image: tuple[str, str, str]) -> None:
-    for (pk,) in conn.execute("SELECT pk FROM workitems WHERE study_uid = ? AND org = ?", (study_uid, org)).fetchall():
+def _record_image(conn: sqlite3.Connection, study_uid: str, org: str, image: tuple[str, str, str]) -> int:
+    """Record ``image`` on the workitems of ``study_uid``; returns how many there are."""
+    pks = conn.execute("SELECT pk FROM workitems WHERE study_uid = ? AND org = ?", (study_uid, org)).fetchall()
+    for (pk,) in pks:
         conn.execute(
             "INSERT OR IGNORE INTO workitem_instances (workitem_pk, series_uid, sop_class_uid, sop_instance_uid) "
             "VALUES (?, ?, ?, ?)", (pk, *image),
         )
+    return len(pks)
 
 
 def _attach_existing_images(conn: sqlite3.Connection, uid: str, study_uid: str, org: str) -> None:

@@ -287,3 +287,76 @@ def test_a_durable_index_write_returns_only_after_the_wal_is_synced_and_a_visibl
         assert synced and synced[0].endswith("-wal")
     finally:
         archive.close()
+
+
+def test_a_c_store_opens_its_received_file_once_and_removes_nothing_after_the_rename(node, monkeypatch):
+    """Per C-STORE the received file is opened once more after it is written (its size,
+    its header and its content sync through one descriptor), and once it is renamed to
+    its key nobody tries to remove it (neither the archive nor pynetdicom)."""
+    import builtins
+    import os
+
+    from tests.conftest import dcmtk
+
+    opened, buffered, unlinked = [], [], []
+    real_open, real_builtin_open, real_unlink = os.open, builtins.open, os.unlink
+
+    def spy_open(path, flags, *args, **kwargs):
+        if str(path).endswith(".part") and not flags & os.O_CREAT:
+            opened.append(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def spy_builtin_open(file, *args, **kwargs):
+        if str(file).endswith(".part"):
+            buffered.append(file)
+        return real_builtin_open(file, *args, **kwargs)
+
+    def spy_unlink(path, *args, **kwargs):
+        if str(path).endswith(".part"):
+            unlinked.append(path)
+        return real_unlink(path, *args, **kwargs)
+
+    files = []
+    for n, ds in enumerate(corpus.ct_series(3)):
+        files.append(node.data_dir.parent / f"{n}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(builtins, "open", spy_builtin_open)
+    monkeypatch.setattr(os, "unlink", spy_unlink)
+    dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, files), check=True)
+    monkeypatch.undo()
+    assert node.archive.counts()["instances"] == 3
+    assert len(opened) == 3 and len(set(opened)) == 3
+    assert buffered == []
+    assert unlinked == []
+    assert [p for p in (node.data_dir / "blobs" / ".tmp").rglob("*") if p.is_file()] == []
+
+
+def test_a_refused_c_store_leaves_no_received_file(node):
+    from tests.conftest import dcmtk
+
+    path = node.data_dir.parent / "bad.dcm"
+    ds = corpus.ct_series(1)[0]
+    del ds.StudyInstanceUID  # the archive refuses it
+    ds.save_as(path, enforce_file_format=True)
+    dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
+    assert node.archive.counts()["instances"] == 0
+    assert [p for p in (node.data_dir / "blobs" / ".tmp").rglob("*") if p.is_file()] == []
+
+
+def test_a_received_file_on_another_file_system_is_copied_and_then_gone(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a second file system")
+    archive = Archive(tmp_path / "a")
+    received = shm / f"dicomnode-test-{tmp_path.name}.dcm"
+    try:
+        ds = corpus.ct_series(1)[0]
+        received.write_bytes(_bytes(ds))
+        result = archive.store_received_file(received, Source("test"))
+        assert not received.exists()  # the caller gave it up
+        [stored] = archive.instances(sop_instance_uids=(result.sop_instance_uid,))
+        assert archive.instance_path(stored).read_bytes() == _bytes(ds)
+    finally:
+        received.unlink(missing_ok=True)
+        archive.close()
