@@ -9,6 +9,7 @@ the instance is on disk and in the index.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -116,7 +117,8 @@ class Archive:
         self.flusher: FolderFlusher | None = None
         self._temp_syncs: ThreadPoolExecutor | None = None
         if isinstance(self.blobs, FileBlobStore):
-            self.flusher = FolderFlusher(self.blobs.sync_folders, self.index.journal_finished)
+            self.flusher = FolderFlusher(functools.partial(self.blobs.sync_folders, changed_only=True),
+                                         self.index.journal_finished)
             self._temp_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="temp-sync")
 
     # ------------------------------------------------------------------ lifecycle

@@ -56,6 +56,7 @@ class FileBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_root.mkdir(exist_ok=True)
         self._id = uuid.uuid4().hex
+        self._synced_mtimes: dict[Path, int] = {}  # folder -> mtime when this process synced it
         # made and locked under a name cleaners skip, then renamed: never seen unlocked
         staging = self.tmp_root / f".{self._id}.new"
         staging.mkdir()
@@ -126,28 +127,44 @@ class FileBlobStore:
             raise StorageFailure(f"could not write {temp_path.name}: {exc.strerror or exc}") from exc
 
     def place(self, temp_path: Path, key: str) -> list[Path]:
-        """Rename a synced temp file to ``key``; returns the folders whose entries
-        changed (its own, and the parent of each folder made for it), which
-        ``sync_folders`` makes durable."""
+        """Rename a synced temp file to ``key``; returns the folders whose entries must
+        be durable for the rename to be: its own and every folder above it up to the
+        store's root. A folder this rename did not make may have been made by another
+        store a moment ago, in this process or another, and not be synced yet: its entry
+        in its parent is needed as much. ``sync_folders(..., changed_only=True)`` skips
+        those that have not changed since they were synced."""
         final = self._path(key)
-        folders = [final.parent]
         try:
-            missing = final.parent
-            while not missing.is_dir():
-                folders.append(missing.parent)  # the new folder's own entry
-                missing = missing.parent
-            if len(folders) > 1:
+            if not final.parent.is_dir():
                 final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp_path, final)
         except OSError as exc:
             raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
+        folders = [final.parent]
+        while folders[-1] != self.root and self.root in folders[-1].parents:
+            folders.append(folders[-1].parent)
         return folders
 
-    def sync_folders(self, folders: Iterable[Path]) -> None:
-        """fsync each folder once (a rename or a new entry in it becomes durable)."""
+    def sync_folders(self, folders: Iterable[Path], changed_only: bool = False) -> None:
+        """fsync each folder once (a rename or a new entry in it becomes durable).
+
+        ``changed_only``: skip a folder unchanged since this process last synced it. Its
+        modification time tells, once it is a second old: file system timestamps are
+        coarse (a few ms), so a younger one could hide a later change in the same tick."""
         for folder in dict.fromkeys(folders):
             try:
+                if changed_only:
+                    mtime = os.stat(folder).st_mtime_ns
+                    if self._synced_mtimes.get(folder) == mtime:
+                        continue
                 _fsync_dir(folder)
+                if changed_only:
+                    if time.time_ns() - mtime > 1_000_000_000:
+                        if len(self._synced_mtimes) >= 100_000:
+                            self._synced_mtimes.clear()
+                        self._synced_mtimes[folder] = mtime
+                    else:
+                        self._synced_mtimes.pop(folder, None)
             except OSError as exc:
                 raise StorageFailure(f"could not sync {folder}: {exc.strerror or exc}") from exc
 

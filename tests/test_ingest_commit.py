@@ -360,3 +360,66 @@ def test_a_received_file_on_another_file_system_is_copied_and_then_gone(tmp_path
     finally:
         received.unlink(missing_ok=True)
         archive.close()
+
+
+# ------------------------------------------------------------------ folders made by other stores
+
+
+def _temp_file(blobs: FileBlobStore, data: bytes = b"x") -> Path:
+    fh, temp = blobs.new_temp()
+    with fh:
+        fh.write(data)
+    return temp
+
+
+def _synced(monkeypatch) -> list[Path]:
+    """The folders fsynced from now on (the blob store's own fsync, observed)."""
+    import storage.blobs as blobs_module
+
+    synced: list[Path] = []
+    real = blobs_module._fsync_dir
+
+    def spy(folder):
+        synced.append(Path(folder))
+        real(folder)
+
+    monkeypatch.setattr(blobs_module, "_fsync_dir", spy)
+    return synced
+
+
+def test_a_rename_into_a_folder_another_store_just_made_makes_that_folders_entry_durable(tmp_path, monkeypatch):
+    # store A makes the series folder and renames into it; store B, renaming into the
+    # same folder, is synced first (its journal row would go): the folder's own entry,
+    # not synced yet by A, must be synced with B's rename
+    blobs = FileBlobStore(tmp_path / "blobs")
+    blobs.place(_temp_file(blobs), "1.2.3/1.2.3.4/a.dcm")
+    synced = _synced(monkeypatch)
+    b_folders = blobs.place(_temp_file(blobs), "1.2.3/1.2.3.4/b.dcm")
+    blobs.sync_folders(b_folders, changed_only=True)
+    root = tmp_path.resolve() / "blobs"
+    assert synced == [root / "1.2.3" / "1.2.3.4", root / "1.2.3", root]
+
+
+def test_folders_unchanged_since_they_were_synced_are_not_synced_again(tmp_path, monkeypatch):
+    import os
+
+    blobs = FileBlobStore(tmp_path / "blobs")
+    root = tmp_path.resolve() / "blobs"
+    blobs.sync_folders(blobs.place(_temp_file(blobs), "1.2.3/1.2.3.4/a.dcm"), changed_only=True)
+    for folder in (root / "1.2.3", root):  # their last change now more than a second ago
+        os.utime(folder, ns=(os.stat(folder).st_atime_ns, os.stat(folder).st_mtime_ns - 5_000_000_000))
+    blobs.sync_folders([root / "1.2.3", root], changed_only=True)
+    synced = _synced(monkeypatch)
+    blobs.sync_folders(blobs.place(_temp_file(blobs), "1.2.3/1.2.3.4/b.dcm"), changed_only=True)
+    assert synced == [root / "1.2.3" / "1.2.3.4"]
+
+
+def test_a_folder_changed_within_the_last_second_is_synced_every_time(tmp_path, monkeypatch):
+    # timestamps are coarse: a change in the same tick as the last sync would not show
+    blobs = FileBlobStore(tmp_path / "blobs")
+    root = tmp_path.resolve() / "blobs"
+    folders = blobs.place(_temp_file(blobs), "1.2.3/1.2.3.4/a.dcm")
+    blobs.sync_folders(folders, changed_only=True)
+    synced = _synced(monkeypatch)
+    blobs.sync_folders(folders, changed_only=True)
+    assert synced == [root / "1.2.3" / "1.2.3.4", root / "1.2.3", root]
