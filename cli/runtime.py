@@ -14,17 +14,17 @@ from aiohttp import web
 
 from config import Settings
 from dicomweb import create_app
+from dicomweb.keys import API_LIMITER, LOGIN_LIMITER
 from dicomweb.wado import metadata_prefill
 from node import DicomNode
-from dicomweb.keys import API_LIMITER, LOGIN_LIMITER
 from node.server import AssociationCounts
 from storage import Archive, ArchiveError
 from storage.events import EventBus
+from storage.inbox import Inbox
+from storage.metadata_cache import MetadataPrefill
 from storage.metrics import Metrics
 
 from .workers import WorkerPool
-from storage.inbox import Inbox
-from storage.metadata_cache import MetadataPrefill
 
 log = logging.getLogger("dicomnode")
 
@@ -77,9 +77,9 @@ class Running:
         if workers_stopped is not None:
             await workers_stopped
         if self.inbox is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.inbox.stop)
+            await loop.run_in_executor(None, self.inbox.stop)
         if self.metadata_prefill is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.metadata_prefill.close)
+            await loop.run_in_executor(None, self.metadata_prefill.close)
         self.archive.close()
         log.info("stopped cleanly")
 
@@ -106,8 +106,6 @@ async def start(settings: Settings) -> Running:
         prefill.close()
         archive.close()
         raise _port_error("DIMSE", settings.ae.host, settings.ae.port, exc, "[ae] port", "--ae-port") from exc
-    if counts is not None:
-        counts.active = lambda: len(node.active_associations())
     app = create_app(settings, archive)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
     await runner.setup()

@@ -59,26 +59,41 @@ CALL_TIMEOUT_S = 10.0
 RESTART_DELAYS_S = (1.0, 2.0, 5.0, 15.0, 30.0)
 
 
-# ---------------------------------------------------------------- in a worker
-
-
-class ParentLink:
-    """A worker's end of its pipe: messages to the serving process from any thread,
-    and calls that wait for its answer."""
+class PipeEnd:
+    """One end of a worker's pipe, written from any thread. A message to a process that
+    is gone is dropped: it is stopping, or being started again."""
 
     def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+        self.conn: Connection | None = conn
         self._lock = threading.Lock()
-        self._sent: dict = {}
-        self._ids = itertools.count(1)
-        self._calls: dict[int, Future] = {}
 
     def send(self, kind: str, payload: Any = None) -> None:
         try:
             with self._lock:
-                self.conn.send((kind, payload))
+                if self.conn is not None:
+                    self.conn.send((kind, payload))
         except (OSError, ValueError):
-            pass  # the serving process is gone; the worker is stopping
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+
+# ---------------------------------------------------------------- in a worker
+
+
+class ParentLink(PipeEnd):
+    """A worker's end of its pipe: messages to the serving process from any thread,
+    and calls that wait for its answer."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(conn)
+        self._sent: dict = {}
+        self._ids = itertools.count(1)
+        self._calls: dict[int, Future] = {}
 
     def call(self, kind: str, *args: Any) -> Any:
         """Ask the serving process; its answer, or RuntimeError if it does not answer."""
@@ -211,7 +226,6 @@ def run_worker(config: WorkerConfig, conn: Connection, dimse_socket: socket.sock
         counts = AssociationCounts(slots, config.index)
         node = DicomNode(config.settings, archive, counts)
         node.start(listening_socket=dimse_socket, report_events=False)
-        counts.active = lambda: len(node.active_associations())
 
     def tick() -> None:  # once a second
         if counts is not None:
@@ -273,19 +287,14 @@ async def _serve_http(config: WorkerConfig, archive: Archive, link: ParentLink, 
 class _Worker:
     index: int
     process: Any = None
-    conn: Connection | None = None
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    pipe: PipeEnd | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     started_at: float = 0.0
     failures: int = 0
 
     def send(self, kind: str, payload: Any) -> None:
-        try:
-            with self.send_lock:
-                if self.conn is not None:
-                    self.conn.send((kind, payload))
-        except (OSError, ValueError):
-            pass  # it is gone; its relay restarts it
+        if self.pipe is not None:
+            self.pipe.send(kind, payload)
 
 
 class WorkerPool:
@@ -365,7 +374,7 @@ class WorkerPool:
                                  name=f"dicomnode-worker-{worker.index}", daemon=False)
         process.start()
         child_conn.close()
-        worker.process, worker.conn, worker.started_at = process, parent_conn, time.monotonic()
+        worker.process, worker.pipe, worker.started_at = process, PipeEnd(parent_conn), time.monotonic()
         worker.ready.clear()
         if self._stopping.is_set():  # stop() came while this one was starting: it missed the word
             worker.send("stop", 0.0)
@@ -377,8 +386,8 @@ class WorkerPool:
     def _relay(self, worker: _Worker) -> None:
         """Apply what the worker sends, until its pipe closes; then restart it unless
         the node is stopping."""
-        conn = worker.conn
-        assert conn is not None
+        assert worker.pipe is not None and worker.pipe.conn is not None
+        pipe, conn = worker.pipe, worker.pipe.conn
         while True:
             try:
                 kind, payload = conn.recv()
@@ -399,9 +408,7 @@ class WorkerPool:
                     worker.send("answer", (call_id, False, str(exc)))
             elif kind == "ready":
                 worker.ready.set()
-        with worker.send_lock:
-            conn.close()
-            worker.conn = None
+        pipe.close()
         worker.process.join(timeout=30)
         if self.counts is not None:
             self.counts.clear(worker.index)

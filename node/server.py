@@ -46,8 +46,11 @@ class DicomNode:
     def __init__(self, settings: Settings, archive: Archive, association_counts: Any = None) -> None:
         self.settings = settings
         self.archive = archive
-        # the associations each process of the node serves (cli/workers.py), or None
+        # the associations each process of the node serves (cli/workers.py), or None;
+        # this process's count is its server's
         self.association_counts = association_counts
+        if association_counts is not None:
+            association_counts.active = lambda: len(self.active_associations())
         self.context = h.NodeContext(settings, archive, association_counts=association_counts)
         self.ae = build_ae(settings)
         self.ae.association_counts = association_counts

@@ -17,12 +17,15 @@ def encoded(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def multipart_body(parts: list[bytes], boundary: str | None = None, close: bool = True) -> tuple[bytes, str]:
-    """A STOW-RS body and its Content-Type."""
+def multipart_body(parts: list[bytes | tuple[str, bytes]], boundary: str | None = None,
+                   close: bool = True) -> tuple[bytes, str]:
+    """A STOW-RS body and its Content-Type. A part is its bytes (application/dicom), or
+    (its Content-Type, its bytes)."""
     boundary = boundary or uuid.uuid4().hex
     out = io.BytesIO()
     for part in parts:
-        out.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+        part_type, part = part if isinstance(part, tuple) else ("application/dicom", part)
+        out.write(f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode())
         out.write(part)
         out.write(b"\r\n")
     if close:

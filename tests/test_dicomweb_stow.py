@@ -113,11 +113,9 @@ def test_study_uid_with_path_characters_is_400(node):
 def test_a_part_of_another_media_type_is_refused_and_the_rest_stored(node):
     good = corpus.ct_series(1, size=16)[0]
     boundary = "b0undary"
-    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + encoded(good)
-            + f"\r\n--{boundary}\r\nContent-Type: application/pdf\r\n\r\n%PDF-1.4 not an instance"
-              f"\r\n--{boundary}--\r\n".encode())
-    response = requests.post(f"{node.base_url}/dicomweb/studies", data=body, timeout=30, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    body, content_type = multipart_body([encoded(good), ("application/pdf", b"%PDF-1.4 not an instance")], boundary)
+    response = requests.post(f"{node.base_url}/dicomweb/studies", data=body, timeout=30,
+                             headers={"Content-Type": content_type})
     assert response.status_code == 202
     assert _reasons(response) == [0x0110]
     assert "application/pdf" in response.headers["Warning"]

@@ -79,8 +79,7 @@ def test_content_that_looks_like_a_boundary_without_crlf_stays_content(node):
     ds = corpus.ct_series(1, size=16)[0]
     boundary = "sep"
     ds.ImageComments = f"--{boundary} inside a value"
-    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + encoded(ds)
-            + f"\r\n--{boundary}--\r\n".encode())
+    body, _ = multipart_body([encoded(ds)], boundary)
     response = _post(node, body, boundary)
     assert response.status_code == 200, response.text
     [stored] = node.archive.instances(ds.StudyInstanceUID)
@@ -121,9 +120,7 @@ def test_a_body_without_any_delimiter_is_400(node):
 def test_nested_multipart_is_400_and_stores_nothing(node):
     ds = corpus.ct_series(1, size=16)[0]
     boundary = "outer"
-    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + encoded(ds)
-            + f"\r\n--{boundary}\r\nContent-Type: multipart/related; boundary=inner\r\n\r\n--inner--\r\n"
-              f"\r\n--{boundary}--\r\n".encode())
+    body, _ = multipart_body([encoded(ds), ("multipart/related; boundary=inner", b"--inner--\r\n")], boundary)
     response = _post(node, body, boundary)
     assert response.status_code == 400
     assert "nested" in response.json()["error"]

@@ -281,6 +281,23 @@ def test_got_rle_dataset_arrives_byte_identical_to_the_stored_one(node, tmp_path
     assert _dataset_bytes(got) == _dataset_bytes(_stored_path(node, rle.SOPInstanceUID))
 
 
+def _get_study(node, study_uid: str, syntaxes: list[list[str]], on_store) -> list:
+    """C-GET of a study by a pynetdicom SCU proposing one CT storage context per list of
+    ``syntaxes``; the responses (``on_store`` takes the sub-operations)."""
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for context_syntaxes in syntaxes:
+        ae.add_requested_context(corpus.CT_IMAGE, context_syntaxes)
+    assoc = ae.associate("127.0.0.1", node.ae_port, ae_title=node.ae_title, ext_neg=store_roles([corpus.CT_IMAGE]),
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        return list(assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study_uid),
+                                     StudyRootQueryRetrieveInformationModelGet))
+    finally:
+        assoc.release()
+
+
 def test_get_re_encodes_for_an_scu_that_accepts_only_implicit(node):
     [ds] = corpus.ct_series(1)
     _store(node, [ds])
@@ -290,17 +307,7 @@ def test_get_re_encodes_for_an_scu_that_accepts_only_implicit(node):
         received.append((event.context.transfer_syntax, event.dataset))
         return 0x0000
 
-    ae = AE(ae_title="GETSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(corpus.CT_IMAGE, [ImplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", node.ae_port, ae_title=node.ae_title, ext_neg=store_roles([corpus.CT_IMAGE]),
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    try:
-        responses = list(assoc.send_c_get(identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID),
-                                           StudyRootQueryRetrieveInformationModelGet))
-    finally:
-        assoc.release()
+    responses = _get_study(node, ds.StudyInstanceUID, [[ImplicitVRLittleEndian]], on_store)
     assert (responses[-1][0].Status, responses[-1][0].NumberOfCompletedSuboperations) == (0x0000, 1)
     [(syntax, got)] = received
     assert syntax == ImplicitVRLittleEndian
@@ -321,18 +328,8 @@ def test_get_sends_each_stored_syntax_in_the_context_the_scu_proposed_for_it(nod
         received[event.request.AffectedSOPInstanceUID] = (event.context.transfer_syntax, event.dataset.PixelData)
         return 0x0000
 
-    ae = AE(ae_title="GETSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(corpus.CT_IMAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    ae.add_requested_context(corpus.CT_IMAGE, [RLELossless])
-    assoc = ae.associate("127.0.0.1", node.ae_port, ae_title=node.ae_title, ext_neg=store_roles([corpus.CT_IMAGE]),
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    try:
-        responses = list(assoc.send_c_get(identifier("STUDY", StudyInstanceUID=plain.StudyInstanceUID),
-                                           StudyRootQueryRetrieveInformationModelGet))
-    finally:
-        assoc.release()
+    responses = _get_study(node, plain.StudyInstanceUID, [[ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                                                          [RLELossless]], on_store)
     assert (responses[-1][0].Status, responses[-1][0].NumberOfCompletedSuboperations) == (0x0000, 2)
     assert received[plain.SOPInstanceUID] == (ExplicitVRLittleEndian, plain.PixelData)
     assert received[rle.SOPInstanceUID] == (RLELossless, rle.PixelData)

@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from bench.servers import child_pids
 from storage.events import InstanceStored
 from tests import corpus
 from tests.conftest import dcmtk, make_settings
@@ -154,23 +155,10 @@ def test_workers_out_of_range_are_a_configuration_error(tmp_path):
 def test_workers_end_when_the_serving_process_is_killed(serve, tmp_path):
     process = serve(tmp_path / "data", toml="[ae]\nworkers = 2\n")
     wait_until(lambda: "worker 1 (pid" in process.log(), timeout=60)
-    workers = _children(process.process.pid)
+    workers = child_pids(process.process.pid)
     assert workers
     process.kill()
     wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=30)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "python" in (entry / "cmdline").read_text():
-                found.append(int(entry.name))
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -184,7 +172,7 @@ def _alive(pid: int) -> bool:
 def test_serve_with_workers_stops_them_on_sigterm(serve, tmp_path):
     process = serve(tmp_path / "data", toml="[ae]\nworkers = 2\n")
     wait_until(lambda: "worker 1 (pid" in process.log(), timeout=60)
-    workers = _children(process.process.pid)
+    workers = child_pids(process.process.pid)
     assert workers
     process.signal(signal.SIGTERM)
     assert process.wait_exit(60) == 0
