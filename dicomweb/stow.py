@@ -3,9 +3,11 @@
 
 The body is read as a stream: each part goes chunk by chunk into an archive temp file,
 so memory stays flat however large the request (the multipart framing is parsed here,
-with large reads and ``bytes.find``, rather than line by line). Only when the whole body has arrived
-(closing boundary seen) are the parts handed to the one ingest path; a truncated or
-malformed body is refused with 400 and nothing of it is stored.
+with large reads and ``bytes.find``, rather than line by line). Each part is prepared
+(parsed, checked, its content synced: ``Archive.prepare_temp``) while the rest of the body
+arrives; only when the whole body has arrived (closing boundary seen) are the prepared
+parts stored (``Archive.store_prepared``, the second half of the one ingest path). A
+truncated or malformed body is refused with 400 and nothing of it is stored.
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from storage import (
-    Archive, ArchiveError, InvalidInstance, NotDicom, Source, StorageFailure, StudyMismatch,
+    Archive, ArchiveError, InvalidInstance, NotDicom, PreparedInstance, Source, StorageFailure, StudyMismatch,
     UnsupportedSOPClass,
 )
 from storage.uids import is_valid_uid
 
 from .auth import principal, requires
-from .keys import EXECUTOR, SETTINGS
+from .keys import SETTINGS
 from .rs_common import (
     archive_of, dicom_json_response, instance_url, parse_media_type, path_uid, run_blocking, study_url,
 )
@@ -43,16 +45,6 @@ FAILURE_REASON: tuple[tuple[type, int], ...] = (
     (InvalidInstance, 0xA900),
     (StorageFailure, 0xA700),
 )
-
-
-@dataclass(frozen=True)
-class ReceivedPart:
-    """One part of the body: its temp file, or why it was not kept."""
-
-    temp: Path | None
-    refusal: str = ""
-    size: int = 0
-    uids: tuple[str, str] = ("", "")  # SOP class and instance UIDs, if it has them
 
 
 @dataclass
@@ -80,10 +72,10 @@ async def store_instances_in_study(request: web.Request) -> web.Response:
 async def _store(request: web.Request, expected_study: str | None) -> web.Response:
     _check_content_type(request)
     archive = archive_of(request)
-    parts = await _receive_parts(request, archive)
     who = principal(request)
     source = Source("http", who.subject, request.remote or "", who.storing_organization)
-    outcomes = await _ingest_all(request, archive, parts, source, expected_study)
+    parts = await _receive_parts(request, _Preparations(request, archive, source, expected_study))
+    outcomes = await _store_all(request, archive, parts)
     return _response(request, outcomes)
 
 
@@ -108,10 +100,10 @@ def _check_content_type(request: web.Request) -> None:
 READ_BYTES = 1 << 20
 FLUSH_BYTES = 4 << 20
 MAX_PART_HEADERS = 16 << 10
-# Parts of one request stored at once (each in the thread pool): their fsyncs and
-# index commits overlap (the archive group-commits the index) instead of queueing.
-# Ingest may hold an instance in memory while parsing it: parts are stored together
-# only while their sizes add up to STORE_BYTES_TOGETHER (a larger part goes alone).
+# Parts of one request prepared at once (each in the thread pool) while the body
+# arrives: their content syncs overlap instead of queueing. Preparing may hold an
+# instance in memory while parsing it: parts are prepared together only while their
+# sizes add up to STORE_BYTES_TOGETHER (a larger part goes alone); the body waits meanwhile.
 STORE_CONCURRENCY = 4
 STORE_BYTES_TOGETHER = 64 << 20
 
@@ -175,7 +167,6 @@ class _PartSink:
         self.total = 0
         self.fh = None
         self.temp: Path | None = None
-        self.uids = ("", "")
 
     async def write(self, data: bytes) -> None:
         if not self.keep or not data:
@@ -200,8 +191,6 @@ class _PartSink:
         finally:
             if last:
                 self.fh.close()
-        if last:  # while the file is in the page cache; the next part keeps arriving meanwhile
-            self.uids = _peek_uids(self.temp)
 
     def abandon(self) -> None:
         """Close the temp file (runs in the executor; the temp is discarded by the caller)."""
@@ -209,11 +198,53 @@ class _PartSink:
             self.fh.close()
 
 
-async def _receive_parts(request: web.Request, archive: Archive) -> list[ReceivedPart]:
-    """Write every application/dicom part to its own temp file; on any error discard them all."""
+class _Preparations:
+    """The body's parts being prepared (``Archive.prepare_temp``: parsed, checked, their
+    content synced) while the rest of the body arrives; nothing is stored yet."""
+
+    def __init__(self, request: web.Request, archive: Archive, source: Source, expected_study: str | None) -> None:
+        self.request = request
+        self.archive = archive
+        self.source = source
+        self.expected_study = expected_study
+        self.budget = _StoreBudget(STORE_CONCURRENCY, STORE_BYTES_TOGETHER)
+        self.parts: list[asyncio.Future[PreparedInstance | PartOutcome]] = []
+
+    async def add(self, temp: Path, size: int) -> None:
+        """Start preparing the next part (once the budget allows: the body waits)."""
+        await self.budget.acquire(size)
+        self.parts.append(asyncio.ensure_future(self._prepare(temp, size, len(self.parts) + 1)))
+
+    async def _prepare(self, temp: Path, size: int, position: int) -> PreparedInstance | PartOutcome:
+        try:
+            return await run_blocking(self.request, _prepare_one, self.archive, temp, position, self.source,
+                                      self.expected_study)
+        finally:
+            await self.budget.release(size)
+
+    def refuse(self, reason: str) -> None:
+        """The next part will not be stored: ``reason``."""
+        log.warning("STOW part %d from %s refused (0x0110): %s", len(self.parts) + 1, self.source, reason)
+        refused = asyncio.get_running_loop().create_future()
+        refused.set_result(PartOutcome("", "", failure_reason=0x0110, message=reason))
+        self.parts.append(refused)
+
+    async def results(self) -> list[PreparedInstance | PartOutcome]:
+        return list(await asyncio.gather(*self.parts))
+
+    async def abandon(self) -> None:
+        """Wait for the parts in preparation, then discard every prepared temp file."""
+        done = await asyncio.gather(*self.parts, return_exceptions=True)
+        prepared = [part.temp for part in done if isinstance(part, PreparedInstance)]
+        await run_blocking(self.request, _discard_all, self.archive, prepared)
+
+
+async def _receive_parts(request: web.Request, preparing: _Preparations) -> list[PreparedInstance | PartOutcome]:
+    """Write every application/dicom part to its own temp file and prepare it; the
+    parts in body order. On any error every temp file goes and nothing is stored."""
+    archive = preparing.archive
     limit = request.app[SETTINGS].http.max_request_mb * 1024 * 1024
     boundary = parse_media_type(request.headers.get("Content-Type")).params["boundary"].encode("latin-1")
-    parts: list[ReceivedPart] = []
     sink: _PartSink | None = None
     try:
         body = _Body(request, limit)
@@ -229,18 +260,20 @@ async def _receive_parts(request: web.Request, archive: Archive) -> list[Receive
             sink = _PartSink(request, archive, keep)
             await _copy_until(body, delimiter, sink)
             temp = await sink.close()
-            parts.append(ReceivedPart(temp, size=sink.total, uids=sink.uids) if keep else ReceivedPart(
-                None, f"a part of type {part_type!r}: only application/dicom parts are stored"))
+            if temp is not None:
+                await preparing.add(temp, sink.total)  # (until it returns, the temp is still the sink's)
+            else:
+                preparing.refuse(f"a part of type {part_type!r}: only application/dicom parts are stored")
             sink = None
-        if not parts:
+        if not preparing.parts:
             raise web.HTTPBadRequest(text="the multipart body holds no part; send one application/dicom part per instance")
-        return parts
+        return await preparing.results()
     except BaseException as exc:
         if sink is not None:
-            if sink.temp is not None:
-                parts.append(ReceivedPart(sink.temp))
             await run_blocking(request, sink.abandon)
-        await run_blocking(request, _discard_all, archive, parts)
+            if sink.temp is not None:
+                await run_blocking(request, archive.discard_temp, sink.temp)
+        await preparing.abandon()
         if isinstance(exc, (ValueError, AssertionError, ConnectionError, HttpProcessingError)):
             log.warning("STOW from %s abandoned, nothing stored: %s", request.remote, exc or type(exc).__name__)
             raise web.HTTPBadRequest(
@@ -337,67 +370,63 @@ async def _copy_until(body: _Body, delimiter: bytes, sink: _PartSink) -> None:
         await body.fill()
 
 
-def _discard_all(archive: Archive, parts: list[ReceivedPart]) -> None:
-    for part in parts:
-        if part.temp is not None:
-            archive.discard_temp(part.temp)
+def _discard_all(archive: Archive, temps: list[Path]) -> None:
+    for temp in temps:
+        archive.discard_temp(temp)
 
 
-async def _ingest_all(request: web.Request, archive: Archive, parts: list[ReceivedPart], source: Source,
-                      expected_study: str | None) -> list[PartOutcome]:
-    """Store each received part through the one ingest path, up to STORE_CONCURRENCY at
-    a time in the thread pool. Parts that carry the same SOP Instance UID are stored one
-    after the other in body order (the last one wins, as when stored one by one)."""
-    outcomes: list[PartOutcome | None] = [None] * len(parts)
-    uids = [part.uids for part in parts]
-    chains: dict[str, list[int]] = {}
+async def _store_all(request: web.Request, archive: Archive,
+                     parts: list[PreparedInstance | PartOutcome]) -> list[PartOutcome]:
+    """Store the prepared parts together (``Archive.store_prepared_all``). Parts that
+    carry the same SOP Instance UID are stored one after the other in body order (the
+    last one wins, as when stored one by one): the k-th of each UID in the k-th round."""
+    outcomes = [part if isinstance(part, PartOutcome) else None for part in parts]
+    rounds: list[list[int]] = []
+    seen: dict[str, int] = {}
     for position, part in enumerate(parts):
-        if part.temp is None:
-            log.warning("STOW part %d from %s refused (0x0110): %s", position + 1, source, part.refusal)
-            outcomes[position] = PartOutcome("", "", failure_reason=0x0110, message=part.refusal)
-        else:
-            chains.setdefault(uids[position][1] or f"#{position}", []).append(position)
-    budget = _StoreBudget(STORE_CONCURRENCY, STORE_BYTES_TOGETHER)
-    loop = asyncio.get_running_loop()
-    executor = request.app[EXECUTOR]
-    waiting = {position for chain in chains.values() for position in chain}
-
-    async def store_chain(chain: list[int]) -> None:
-        for position in chain:
-            size = parts[position].size
-            await budget.acquire(size)
-            try:
-                waiting.discard(position)
-                outcomes[position] = await loop.run_in_executor(
-                    executor, _ingest_one, archive, parts[position].temp, position + 1, source, expected_study,
-                    uids[position])
-            finally:
-                await budget.release(size)
-
-    try:
-        await asyncio.gather(*(store_chain(chain) for chain in chains.values()))
-    finally:
-        if waiting:  # cancelled (the client went away): parts never handed over go now
-            _discard_all(archive, [parts[p] for p in waiting])
+        if isinstance(part, PreparedInstance):
+            k = seen[part.sop_instance_uid] = seen.get(part.sop_instance_uid, -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(position)
+    for k, positions in enumerate(rounds):
+        try:
+            results = await run_blocking(request, archive.store_prepared_all, [parts[p] for p in positions])
+        except BaseException:  # cancelled (the client went away): parts never handed over go now
+            _discard_all(archive, [parts[p].temp for later in rounds[k + 1:] for p in later])  # type: ignore[union-attr]
+            raise
+        for position, result in zip(positions, results):
+            part = parts[position]
+            assert isinstance(part, PreparedInstance)
+            outcomes[position] = (
+                _refused(result, (part.sop_class_uid, part.sop_instance_uid), position + 1, part.source)
+                if isinstance(result, ArchiveError) else
+                PartOutcome(result.sop_class_uid, result.sop_instance_uid, result.study_uid, result.series_uid))
     return outcomes  # type: ignore[return-value]
 
 
-def _ingest_one(archive: Archive, temp: Path, position: int, source: Source, expected_study: str | None,
-                uids: tuple[str, str]) -> PartOutcome:
-    sop_class, sop_uid = uids
+def _prepare_one(archive: Archive, temp: Path, position: int, source: Source,
+                 expected_study: str | None) -> PreparedInstance | PartOutcome:
+    """Prepare one part; when it is refused, its temp file goes (read first for the
+    UIDs that the failure report names)."""
     try:
-        result = archive.store_temp(temp, source, expected_study)
+        return archive.prepare_temp(temp, source, expected_study)
     except ArchiveError as exc:
-        reason = next((code for cls, code in FAILURE_REASON if isinstance(exc, cls)), 0xA900)
-        if reason == 0xA900 and not (sop_class or sop_uid):
-            reason = 0x0110  # nothing identifies it as a DICOM instance: not DICOM
-        log.warning("STOW part %d from %s refused (0x%04X): %s", position, source, reason, exc.message)
-        return PartOutcome(sop_class, sop_uid, failure_reason=reason, message=exc.message)
-    finally:
+        refused = _refused(exc, _peek_uids(temp), position, source)
         archive.discard_temp(temp)
-    return PartOutcome(result.sop_class_uid, result.sop_instance_uid, result.study_uid, result.series_uid)
+        return refused
+    except BaseException:
+        archive.discard_temp(temp)
+        raise
 
 
+def _refused(exc: ArchiveError, uids: tuple[str, str], position: int, source: Source) -> PartOutcome:
+    sop_class, sop_uid = uids
+    reason = next((code for cls, code in FAILURE_REASON if isinstance(exc, cls)), 0xA900)
+    if reason == 0xA900 and not (sop_class or sop_uid):
+        reason = 0x0110  # nothing identifies it as a DICOM instance: not DICOM
+    log.warning("STOW part %d from %s refused (0x%04X): %s", position, source, reason, exc.message)
+    return PartOutcome(sop_class, sop_uid, failure_reason=reason, message=exc.message)
 def _peek_uids(temp: Path) -> tuple[str, str]:
     """SOP class and instance UIDs of a part, if it has them (for the failure report)."""
     try:

@@ -1,5 +1,5 @@
 """The archive service: blobs, index, events. The only code that writes instances."""
-from .archive import Archive, Source, StoreResult, STORAGE_SOP_CLASSES
+from .archive import Archive, PreparedInstance, Source, StoreResult, STORAGE_SOP_CLASSES
 from .errors import (
     ArchiveError, Conflict, InvalidInstance, InvalidQuery, InvalidUID, NotDicom, NotFound,
     StorageFailure, StudyMismatch, TooLarge, UnsupportedSOPClass, WorkitemError,
@@ -11,7 +11,7 @@ from .sqlite_index import StoredInstance
 
 __all__ = [
     "Archive", "ArchiveError", "Conflict", "EventBus", "InstanceStored", "InvalidInstance",
-    "InvalidQuery", "InvalidUID", "Metrics", "NotDicom", "NotFound", "Query", "Source",
+    "InvalidQuery", "InvalidUID", "Metrics", "NotDicom", "NotFound", "PreparedInstance", "Query", "Source",
     "STORAGE_SOP_CLASSES", "StorageFailure", "StoreResult", "StoredInstance", "StudyMismatch",
     "StudyStable", "TooLarge", "UnsupportedSOPClass", "WorkitemError",
 ]

@@ -1,13 +1,16 @@
 """The archive service: the only code that writes instances and the index.
 
 Every way in (C-STORE, STOW-RS, vendor uploads, the inbox, ``dicomnode import``) calls
-:meth:`Archive.store_bytes`, :meth:`Archive.store_stream` or :meth:`Archive.store_file`,
-which all end in :meth:`Archive._ingest`: parse once, validate, write the file atomically
-(temp file, fsync, rename), index it, fire ``instance stored``. When one of them returns,
-the instance is on disk and in the index.
+:meth:`Archive.store_bytes`, :meth:`Archive.store_stream`, :meth:`Archive.store_file` or
+:meth:`Archive.store_temp`, which all end in :meth:`Archive._ingest`: parse once, validate,
+write the file atomically (temp file, fsync, rename), index it, fire ``instance stored``.
+When one of them returns, the instance is on disk and in the index. STOW-RS runs the
+same path in two halves (:meth:`Archive.prepare_temp` as each part arrives,
+:meth:`Archive.store_prepared` once the whole body is in).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -17,11 +20,10 @@ import shutil
 import threading
 import time
 import uuid
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -33,7 +35,7 @@ from .activity import Foreground
 from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, normalize_date, normalize_time
 from .blobs import BlobStore, FileBlobStore
 from .errors import (
-    Conflict, InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass,
+    ArchiveError, Conflict, InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass,
 )
 from .events import EventBus, InstanceStored, StudyStable
 from .flusher import FolderFlusher
@@ -52,6 +54,7 @@ log = logging.getLogger("dicomnode.archive")
 STORAGE_SOP_CLASSES: frozenset[str] = frozenset(cx.abstract_syntax for cx in AllStoragePresentationContexts)
 _COPY_CHUNK = 1 << 20
 _DEFER_SIZE = 4096  # values larger than this are skipped, not loaded, while indexing
+_BATCH = 64  # instances stored together by store_prepared_all
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,20 @@ class StoreResult:
     size: int
     replaced: bool
     organization: str
+
+
+@dataclass(frozen=True)
+class PreparedInstance:
+    """An instance parsed and checked, its temp file's content on disk: what
+    :meth:`Archive.prepare_temp` hands back for :meth:`Archive.store_prepared`."""
+
+    temp: Path
+    source: Source
+    record: InstanceRecord  # with no blob key or receipt time yet
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
 
 
 class Archive:
@@ -109,7 +126,7 @@ class Archive:
         self.foreground = Foreground()  # requests being served; background work stands back
         self.metrics = metrics or Metrics()
         self.workitems = WorkitemStore(self.index, self.events, self.generate_uid)
-        self._key_locks = [threading.Lock() for _ in range(64)]
+        self._instance_locks = _InstanceLocks()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         if repair:  # off for a worker process joining a running node (cli/workers.py)
@@ -292,18 +309,66 @@ class Archive:
 
     def store_temp(self, temp: Path, source: Source, expected_study: str | None = None) -> StoreResult:
         """The one ingest path. Takes ownership of ``temp`` (a file from :meth:`new_temp`)."""
+        return self._owning(temp, source, lambda: self._ingest(temp, source, expected_study))
+
+    def prepare_temp(self, temp: Path, source: Source, expected_study: str | None = None) -> PreparedInstance:
+        """The first half of :meth:`store_temp`, for a caller that may store nothing until
+        more has arrived (a STOW-RS body is stored only once it is complete): parse and
+        check the instance, and put the temp file's content and name on disk. Nothing
+        is stored or visible yet. Hand the result to :meth:`store_prepared`, or give up
+        and :meth:`discard_temp` its ``temp``.
+
+        On failure ``temp`` is left as it was: the caller's, to read or to discard."""
         try:
-            result = self._ingest(temp, source, expected_study)
+            fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                synced = self._start_temp_sync(temp)
+                ds, tsuid = self._parse_temp(temp, fd, size)
+                if getattr(ds, "_dicomnode_has_meta", True):
+                    prepared = self._check(temp, size, ds, tsuid, source, expected_study)
+                    if isinstance(self.blobs, FileBlobStore):
+                        self._sync_temp(temp, synced, fd)
+                    return prepared
+            finally:
+                os.close(fd)
+            with_meta, size = _add_file_meta(temp, ds, tsuid, self.blobs)
+            try:
+                prepared = self._check(with_meta, size, ds, tsuid, source, expected_study)
+                if isinstance(self.blobs, FileBlobStore):
+                    self._sync_temp(with_meta, None)
+            except BaseException:
+                self.blobs.discard_temp(with_meta)
+                raise
+        except BaseException as exc:
+            self._count_failure(exc)
+            raise
+        self.blobs.discard_temp(temp)  # its content lives on in ``with_meta``
+        return prepared
+
+    def store_prepared(self, prepared: PreparedInstance) -> StoreResult:
+        """The second half of :meth:`store_temp`: store an instance :meth:`prepare_temp`
+        checked. Takes ownership of ``prepared.temp``."""
+        return self._owning(prepared.temp, prepared.source, lambda: self._store_checked(prepared, content_synced=True))
+
+    def _owning(self, temp: Path, source: Source, store: Callable[[], StoreResult]) -> StoreResult:
+        """Run ``store``, which ends with ``temp`` renamed into the archive; on failure
+        the temp file goes. Counts the outcome."""
+        try:
+            result = store()
         except BaseException as exc:
             self.blobs.discard_temp(temp)  # (a stored instance's temp file was renamed away)
-            if isinstance(exc, InvalidInstance):
-                self.metrics.inc("dicomnode_ingest_failures_total", reason=type(exc).__name__)
-            elif isinstance(exc, StorageFailure):
-                self.metrics.inc("dicomnode_ingest_failures_total", reason="StorageFailure")
+            self._count_failure(exc)
             raise
         self.metrics.inc("dicomnode_instances_stored_total", source=source.kind)
         self.metrics.inc("dicomnode_bytes_stored_total", result.size, source=source.kind)
         return result
+
+    def _count_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, InvalidInstance):
+            self.metrics.inc("dicomnode_ingest_failures_total", reason=type(exc).__name__)
+        elif isinstance(exc, StorageFailure):
+            self.metrics.inc("dicomnode_ingest_failures_total", reason="StorageFailure")
 
     def _ingest(self, temp: Path, source: Source, expected_study: str | None) -> StoreResult:
         # One descriptor for the size, the header and the content sync (no buffered file:
@@ -314,21 +379,27 @@ class Archive:
         try:
             size = os.fstat(fd).st_size
             synced = self._start_temp_sync(temp)  # the folder sync runs beside the parse and the content sync
-            parsed = read_header(_FdReader(fd), size)
-            if parsed is None:  # pydicom decides
-                with open(temp, "rb") as fh:
-                    parsed = _parse_with_pydicom(fh, size)
-            ds, tsuid = parsed
-            if not getattr(ds, "_dicomnode_has_meta", True):
-                temp, size = _add_file_meta(temp, ds, tsuid, self.blobs)
-                try:
-                    return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study, None)
-                except BaseException:
-                    self.blobs.discard_temp(temp)
-                    raise
-            return self._ingest_parsed(temp, size, ds, tsuid, source, expected_study, synced, fd)
+            ds, tsuid = self._parse_temp(temp, fd, size)
+            if getattr(ds, "_dicomnode_has_meta", True):
+                prepared = self._check(temp, size, ds, tsuid, source, expected_study)
+                return self._store_checked(prepared, synced, fd)
         finally:
             os.close(fd)
+        with_meta, size = _add_file_meta(temp, ds, tsuid, self.blobs)
+        self.blobs.discard_temp(temp)
+        try:
+            return self._store_checked(self._check(with_meta, size, ds, tsuid, source, expected_study))
+        except BaseException:
+            self.blobs.discard_temp(with_meta)
+            raise
+
+    @staticmethod
+    def _parse_temp(temp: Path, fd: int, size: int) -> tuple[Dataset, str]:
+        parsed = read_header(_FdReader(fd), size)
+        if parsed is None:  # pydicom decides
+            with open(temp, "rb") as fh:
+                parsed = _parse_with_pydicom(fh, size)
+        return parsed
 
     def _start_temp_sync(self, temp: Path) -> "Future[None] | None":
         """Start syncing the temp file's name (its folder) on the archive's pool; the
@@ -348,10 +419,10 @@ class Archive:
         else:
             name_synced.result()
 
-    def _ingest_parsed(
+    def _check(
         self, temp: Path, size: int, ds: Dataset, tsuid: str, source: Source, expected_study: str | None,
-        synced: "Future[None] | None" = None, fd: int | None = None,
-    ) -> StoreResult:
+    ) -> PreparedInstance:
+        """What the index will say of the parsed instance in ``temp``, once it is checked."""
         sop_class = require_uid(ds.get("SOPClassUID"), "SOPClassUID")
         sop_uid = require_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
         study_uid = require_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
@@ -373,23 +444,20 @@ class Archive:
                 f"instance {sop_uid} belongs to study {study_uid}, not {expected_study}",
                 study_uid=study_uid,
             )
-        key = f"{study_uid}/{series_uid}/{sop_uid}.dcm"
-        record = self._record(ds, tsuid, key, size, source, time.time(), source.organization)
-        lock = self._key_locks[zlib.crc32(sop_uid.encode()) % len(self._key_locks)]
-        with lock:
-            # Before the file goes in place: the same key under another organization's
-            # study is that organization's file, which a refused store must not replace.
-            owner = self.index.study_organization(study_uid)
-            if owner is not None and owner != source.organization:
-                raise Conflict(f"study {study_uid} belongs to another organization", study_uid=study_uid)
-            if self.blobs.exists(key):
-                # A replacement goes to a new key: the stored file stays untouched until
-                # the index points at the new one, so a refused or interrupted re-send
-                # never changes what was acknowledged before.
-                key = f"{study_uid}/{series_uid}/{sop_uid}.{uuid.uuid4().hex[:12]}.dcm"
-                record = dataclasses.replace(record, blob_key=key)
+        record = self._record(ds, tsuid, "", size, source, 0.0, source.organization)
+        return PreparedInstance(temp, source, record, sop_class, sop_uid, study_uid, series_uid)
+
+    def _store_checked(
+        self, prepared: PreparedInstance, synced: "Future[None] | None" = None, fd: int | None = None,
+        content_synced: bool = False,
+    ) -> StoreResult:
+        temp = prepared.temp
+        owners: dict[str, str | None] = {}
+        with self._instance_locks.holding([prepared.sop_instance_uid]):
+            record = self._placement(prepared, owners)
+            key = record.blob_key
             if isinstance(self.blobs, FileBlobStore):
-                outcome = self._commit_overlapped(temp, key, record, synced, fd)
+                outcome = self._commit_overlapped(temp, key, record, synced, fd, content_synced)
             else:
                 journal_pk = self.index.journal_add(key, "store")
                 try:
@@ -400,20 +468,125 @@ class Archive:
                     # after a crash): the new file goes, the one stored before stays.
                     self.repair_entry(journal_pk, key)
                     raise
+        return self._stored(prepared, record, outcome)
+
+    def store_prepared_all(self, parts: list[PreparedInstance]) -> list[StoreResult | ArchiveError]:
+        """:meth:`store_prepared` for many instances, with one wait for the disk for all
+        their journal rows and one trip to the index writer for all their rows (a STOW-RS
+        body). Their SOP Instance UIDs must differ. Takes ownership of every temp file;
+        returns, in order, each one's result or the :class:`ArchiveError` that refused it."""
+        if len({part.sop_instance_uid for part in parts}) != len(parts):
+            raise ValueError("store_prepared_all takes instances with distinct SOP Instance UIDs")
+        if not isinstance(self.blobs, FileBlobStore):
+            return [self._refusal_of(self.store_prepared, part) for part in parts]
+        outcomes: list[StoreResult | ArchiveError | None] = [None] * len(parts)
+        for start in range(0, len(parts), _BATCH):
+            chunk = range(start, min(start + _BATCH, len(parts)))
+            for position, result in zip(chunk, self._store_batch([parts[p] for p in chunk])):
+                outcomes[position] = result
+        return outcomes  # type: ignore[return-value]
+
+    def _store_batch(self, parts: list[PreparedInstance]) -> list[StoreResult | ArchiveError]:
+        """:meth:`_commit_overlapped` for each part, step by step for all of them at once."""
+        blobs, flusher = self.blobs, self.flusher
+        assert isinstance(blobs, FileBlobStore) and flusher is not None
+        failed: dict[int, ArchiveError] = {}
+        committed: list[tuple[int, InstanceRecord, UpsertOutcome]] = []
+
+        def fail(position: int, exc: BaseException, journal_pk: int | None = None, key: str = "") -> None:
+            if journal_pk is not None:
+                self.repair_entry(journal_pk, key)
+            blobs.discard_temp(parts[position].temp)
+            if not isinstance(exc, ArchiveError):
+                log.error("storing %s failed", parts[position].sop_instance_uid, exc_info=exc)
+                exc = StorageFailure(f"the archive could not store the instance: {exc}")
+            self._count_failure(exc)
+            failed[position] = exc
+
+        owners: dict[str, str | None] = {}
+        with self._instance_locks.holding([part.sop_instance_uid for part in parts]):
+            journaled = []
+            for position, part in enumerate(parts):
+                try:
+                    record = self._placement(part, owners)
+                except Exception as exc:
+                    fail(position, exc)
+                    continue
+                journal = self.index.journal_add_async(record.blob_key, "store", temp=str(part.temp))
+                journaled.append((position, record, journal))
+            indexed = []
+            for position, record, journal in journaled:
+                try:
+                    journal_pk = journal.result()
+                except Exception as exc:
+                    fail(position, exc)
+                    continue
+                try:
+                    folders = blobs.place(parts[position].temp, record.blob_key)
+                except Exception as exc:
+                    fail(position, exc, journal_pk, record.blob_key)
+                    continue
+                indexed.append((position, record, journal_pk, folders,
+                                self.index.upsert_instance_async(record, durable=False)))
+            for position, record, journal_pk, folders, upsert in indexed:
+                try:
+                    outcome = upsert.result()
+                except Exception as exc:
+                    fail(position, exc, journal_pk, record.blob_key)
+                    continue
+                flusher.submit(folders, journal_pk)
+                committed.append((position, record, outcome))
+        results: list[StoreResult | ArchiveError] = [failed.get(position) for position in range(len(parts))]  # type: ignore[misc]
+        for position, record, outcome in committed:
+            result = results[position] = self._stored(parts[position], record, outcome)
+            self.metrics.inc("dicomnode_instances_stored_total", source=parts[position].source.kind)
+            self.metrics.inc("dicomnode_bytes_stored_total", result.size, source=parts[position].source.kind)
+        return results
+
+    def _refusal_of(self, store: Callable[[PreparedInstance], StoreResult],
+                    part: PreparedInstance) -> StoreResult | ArchiveError:
+        try:
+            return store(part)
+        except ArchiveError as exc:
+            return exc
+
+    def _placement(self, prepared: PreparedInstance, owners: dict[str, str | None]) -> InstanceRecord:
+        """The index row for ``prepared``, with the key its file will have; under its
+        instance lock. ``owners``: the organizations of studies looked up so far."""
+        source, study_uid, series_uid = prepared.source, prepared.study_uid, prepared.series_uid
+        sop_uid = prepared.sop_instance_uid
+        # Before the file goes in place: the same key under another organization's
+        # study is that organization's file, which a refused store must not replace.
+        if study_uid not in owners:
+            owners[study_uid] = self.index.study_organization(study_uid)
+        owner = owners[study_uid]
+        if owner is not None and owner != source.organization:
+            raise Conflict(f"study {study_uid} belongs to another organization", study_uid=study_uid)
+        key = f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+        if self.blobs.exists(key):
+            # A replacement goes to a new key: the stored file stays untouched until
+            # the index points at the new one, so a refused or interrupted re-send
+            # never changes what was acknowledged before.
+            key = f"{study_uid}/{series_uid}/{sop_uid}.{uuid.uuid4().hex[:12]}.dcm"
+        return dataclasses.replace(prepared.record, blob_key=key, received_at=time.time())
+
+    def _stored(self, prepared: PreparedInstance, record: InstanceRecord, outcome: UpsertOutcome) -> StoreResult:
+        """An instance is stored: its obsolete file goes, it is logged and announced."""
         self._drop_obsolete(outcome)
+        source = prepared.source
         result = StoreResult(
-            sop_class_uid=sop_class,
-            sop_instance_uid=sop_uid,
-            study_uid=study_uid,
-            series_uid=series_uid,
-            transfer_syntax_uid=tsuid,
-            size=size,
+            sop_class_uid=prepared.sop_class_uid,
+            sop_instance_uid=prepared.sop_instance_uid,
+            study_uid=prepared.study_uid,
+            series_uid=prepared.series_uid,
+            transfer_syntax_uid=record.transfer_syntax_uid,
+            size=record.size,
             replaced=outcome.replaced,
             organization=source.organization,
         )
         log.info(
-            "stored %s %s (study %s) from %s%s", _sop_name(sop_class), sop_uid, study_uid, source,
-            " (replaced)" if outcome.replaced else "",
+            "stored %s %s (study %s) from %s%s", _sop_name(result.sop_class_uid), result.sop_instance_uid,
+            result.study_uid, source, " (replaced)" if outcome.replaced else "",
         )
         self.events.emit(InstanceStored(result=result, source=source, new_study=outcome.new_study))
         return result
@@ -436,7 +609,7 @@ class Archive:
 
     def _commit_overlapped(
         self, temp: Path, key: str, record: InstanceRecord, synced: "Future[None] | None" = None,
-        fd: int | None = None,
+        fd: int | None = None, content_synced: bool = False,
     ) -> Any:
         """Journal, file and index with one wait for the disk before the acknowledgement:
 
@@ -449,12 +622,16 @@ class Archive:
 
         A crash after 1 leaves repair a row and a complete file, at ``key`` or at
         ``temp``: it finishes the rename and re-indexes the file. A crash before 1 ends
-        leaves a row whose file is not at ``key``: dropped, with the temp file."""
+        leaves a row whose file is not at ``key``: dropped, with the temp file.
+
+        ``content_synced``: the temp file's content and name are on disk already
+        (:meth:`prepare_temp`); step 1 is the journal row alone."""
         blobs = self.blobs
         assert isinstance(blobs, FileBlobStore) and self.flusher is not None
         journal = self.index.journal_add_async(key, "store", temp=str(temp))
         try:
-            self._sync_temp(temp, synced, fd)
+            if not content_synced:
+                self._sync_temp(temp, synced, fd)
         except BaseException:
             if journal.exception() is None:
                 self.repair_entry(journal.result(), key)  # nothing was placed
@@ -661,6 +838,28 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
     return _parse_with_pydicom(fh, size)
 
 
+class _InstanceLocks:
+    """Stores of one SOP Instance UID go one at a time: its key is chosen and its file
+    and row committed under the lock (another UID never waits)."""
+
+    def __init__(self) -> None:
+        self._busy: set[str] = set()
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def holding(self, uids: Iterable[str]) -> Iterator[None]:
+        mine = set(uids)
+        with self._changed:
+            self._changed.wait_for(lambda: self._busy.isdisjoint(mine))
+            self._busy |= mine
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy -= mine
+                self._changed.notify_all()
+
+
 class _FdReader:
     """``seek`` and ``read`` (what :func:`read_header` uses) over a raw descriptor, by
     ``pread``: no buffered file object, no syscall for a seek."""
@@ -757,7 +956,8 @@ def _last_value_short(ds: Dataset, fh: BinaryIO, size: int) -> bool:
 
 
 def _add_file_meta(temp: Path, ds: Dataset, tsuid: str, blobs: BlobStore) -> tuple[Path, int]:
-    """Prefix a bare dataset with preamble and file meta; the dataset bytes are kept."""
+    """A new temp file: the bare dataset in ``temp`` (left as it is) prefixed with
+    preamble and file meta; the dataset bytes are kept."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
     meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
@@ -771,7 +971,6 @@ def _add_file_meta(temp: Path, ds: Dataset, tsuid: str, blobs: BlobStore) -> tup
         src.seek(getattr(ds, "_dicomnode_meta_bytes", 0))
         shutil.copyfileobj(src, fh, _COPY_CHUNK)
         size = fh.tell()
-    blobs.discard_temp(temp)
     return new_temp, size
 
 
