@@ -27,7 +27,7 @@ from storage import (
 from storage.uids import is_valid_uid
 
 from .auth import principal, requires
-from .keys import SETTINGS
+from .keys import EXECUTOR, SETTINGS
 from .rs_common import (
     archive_of, dicom_json_response, instance_url, parse_media_type, path_uid, run_blocking, study_url,
 )
@@ -216,11 +216,19 @@ class _Preparations:
         self.parts.append(asyncio.ensure_future(self._prepare(temp, size, len(self.parts) + 1)))
 
     async def _prepare(self, temp: Path, size: int, position: int) -> PreparedInstance | PartOutcome:
+        job = asyncio.ensure_future(run_blocking(self.request, _prepare_one, self.archive, temp, position,
+                                                 self.source, self.expected_study))
         try:
-            return await run_blocking(self.request, _prepare_one, self.archive, temp, position, self.source,
-                                      self.expected_study)
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(self._discard_prepared)  # the pool finishes it: its temp file goes then
+            raise
         finally:
             await self.budget.release(size)
+
+    def _discard_prepared(self, job: asyncio.Future) -> None:
+        if not job.cancelled() and job.exception() is None and isinstance(job.result(), PreparedInstance):
+            self.request.app[EXECUTOR].submit(self.archive.discard_temp, job.result().temp)
 
     def refuse(self, reason: str) -> None:
         """The next part will not be stored: ``reason``."""
@@ -393,7 +401,8 @@ async def _store_all(request: web.Request, archive: Archive,
         try:
             results = await run_blocking(request, archive.store_prepared_all, [parts[p] for p in positions])
         except BaseException:  # cancelled (the client went away): parts never handed over go now
-            _discard_all(archive, [parts[p].temp for later in rounds[k + 1:] for p in later])  # type: ignore[union-attr]
+            later = [parts[p].temp for positions in rounds[k + 1:] for p in positions]  # type: ignore[union-attr]
+            await run_blocking(request, _discard_all, archive, later)
             raise
         for position, result in zip(positions, results):
             part = parts[position]

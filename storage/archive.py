@@ -473,8 +473,9 @@ class Archive:
     def store_prepared_all(self, parts: list[PreparedInstance]) -> list[StoreResult | ArchiveError]:
         """:meth:`store_prepared` for many instances, with one wait for the disk for all
         their journal rows and one trip to the index writer for all their rows (a STOW-RS
-        body). Their SOP Instance UIDs must differ. Takes ownership of every temp file;
-        returns, in order, each one's result or the :class:`ArchiveError` that refused it."""
+        body). Takes ownership of every temp file; returns, in order, each one's result
+        or the :class:`ArchiveError` that refused it. Their SOP Instance UIDs must differ:
+        else ``ValueError``, and nothing is taken over or stored."""
         if len({part.sop_instance_uid for part in parts}) != len(parts):
             raise ValueError("store_prepared_all takes instances with distinct SOP Instance UIDs")
         if not isinstance(self.blobs, FileBlobStore):

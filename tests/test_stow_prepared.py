@@ -3,25 +3,26 @@ arrives, and nothing is stored until the closing boundary is in; then the prepar
 are stored together (``Archive.prepare_temp``, ``store_prepared``, ``store_prepared_all``)."""
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import socket
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pydicom
 import pytest
 import requests
 
-from storage import Archive, Conflict, InvalidInstance, Source, StoreResult
+from dicomweb.keys import EXECUTOR
+from dicomweb.stow import _Preparations
+from storage import Archive, Conflict, InvalidInstance, PreparedInstance, Source, StoreResult
 from storage.errors import StudyMismatch, UnsupportedSOPClass
 from tests import corpus
 from tests.dicomweb_http import encoded, multipart_body, stow
 from tests.support import archive_state, serve, wait_until  # noqa: F401
-
-if TYPE_CHECKING:
-    from storage import PreparedInstance
 
 REFERENCED = "00081199"
 FAILED = "00081198"
@@ -335,6 +336,37 @@ def test_a_body_cut_off_after_parts_were_prepared_stores_nothing_and_leaves_no_t
 
 
 # ------------------------------------------------------------------ kill -9 with a body half sent
+
+
+def test_a_part_whose_preparation_is_cancelled_loses_its_temp_file_once_the_pool_has_prepared_it(archive):
+    ds = corpus.ct_series(1, size=16)[0]
+    temp = _temp_with(archive, encoded(ds))
+    pool = ThreadPoolExecutor(max_workers=2)
+    request = SimpleNamespace(app={EXECUTOR: pool})  # what _Preparations uses of the request
+    release = threading.Event()
+    prepare = archive.prepare_temp
+    archive.prepare_temp = lambda *args: release.wait(10) and prepare(*args)  # still preparing when cancelled
+
+    async def cancel_while_preparing() -> None:
+        preparing = _Preparations(request, archive, Source("test"), None)
+        await preparing.add(temp, temp.stat().st_size)
+        await asyncio.sleep(0.05)
+        preparing.parts[0].cancel()  # as at shutdown: the handler and its tasks are cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await preparing.parts[0]
+        release.set()
+        for _ in range(500):  # the loop runs on meanwhile, as a node's does
+            if not temp.exists():
+                return
+            await asyncio.sleep(0.02)
+
+    try:
+        asyncio.run(cancel_while_preparing())
+        assert not temp.exists()
+        assert archive.counts()["instances"] == 0
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
 
 
 def test_kill_9_with_a_stow_body_half_sent_leaves_nothing_of_it_after_a_restart(serve, tmp_path):
