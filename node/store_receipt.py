@@ -33,8 +33,6 @@ from pathlib import Path
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
 
-from storage.blobs import Writeback
-
 from .commands import ui_value
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -78,7 +76,6 @@ class ReceivedFile:
         self.name = str(self.path)
         self.error: OSError | None = None
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._writeback = Writeback(self._fd)
 
     def write(self, data: bytes | memoryview) -> None:
         """Write all of ``data``; after a failure the rest of the dataset is dropped."""
@@ -88,7 +85,6 @@ class ReceivedFile:
         try:
             while view:
                 view = view[os.write(self._fd, view):]
-            self._writeback.wrote(len(data))
         except OSError as exc:
             self.error = exc
             self.discard()
@@ -96,8 +92,6 @@ class ReceivedFile:
     def finish(self) -> None:
         """All fragments arrived: close the file (its content is synced by the archive)."""
         if self._fd is not None:
-            if self.error is None:
-                self._writeback.start()  # the rest: on its way to disk while the archive parses
             fd, self._fd = self._fd, None
             os.close(fd)
 

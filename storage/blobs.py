@@ -5,8 +5,6 @@ S3-compatible store can stand in for :class:`FileBlobStore` without touching cal
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import fcntl
 import os
 import re
@@ -15,7 +13,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Protocol
+from typing import BinaryIO, Iterable, Iterator, Protocol
 
 from .errors import StorageFailure
 
@@ -34,48 +32,6 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None: ...
     def discard_temp(self, temp_path: Path) -> None: ...
     def iter_keys(self) -> Iterator[str]: ...
-
-
-def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return lambda fd, offset, length: call(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-class Writeback:
-    """Starts the disk writes of a file while it is being written, every
-    ``WRITEBACK_BYTES`` (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: the writes start,
-    nothing waits). The fdatasync that must come before the acknowledgement then waits
-    for the last range only: about 0.1 ms instead of 0.3-0.45 ms for a 0.5 MB instance,
-    measured here. Does nothing where the call does not exist; never raises (the
-    fdatasync reports what went wrong)."""
-
-    WRITEBACK_BYTES = 128 << 10
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.written = 0
-        self.started = 0
-
-    def wrote(self, n: int) -> None:
-        self.written += n
-        if self.written - self.started >= self.WRITEBACK_BYTES:
-            self.start()
-
-    def start(self) -> None:
-        """Start writing what was written since the last start."""
-        if _sync_file_range is not None and self.written > self.started:
-            _sync_file_range(self.fd, self.started, self.written - self.started)
-            self.started = self.written
 
 
 def _fsync_dir(path: Path) -> None:

@@ -3,9 +3,6 @@ same bytes pynetdicom would write and send (node/store_receipt.py)."""
 from __future__ import annotations
 
 import io
-import itertools
-import os
-import sys
 
 import pytest
 from pynetdicom.dimse_messages import C_STORE_RSP
@@ -14,8 +11,7 @@ from pynetdicom.dsutils import create_file_meta, encode
 from pydicom.filewriter import write_file_meta_info
 
 from node.commands import read_command_fields, store_rsp_command
-from node.store_receipt import ReceivedFile, file_meta_bytes
-from storage import blobs
+from node.store_receipt import file_meta_bytes
 from tests import corpus
 from tests.conftest import dcmtk
 
@@ -179,43 +175,3 @@ def test_an_association_aborted_inside_a_dataset_leaves_no_partial_file(node):
         time.sleep(0.02)
     assert [p for p in folder.iterdir() if p.is_file()] == []
     assert node.archive.counts()["instances"] == 0
-
-
-def test_a_received_file_hands_every_byte_to_the_disk_writes_once_in_order(tmp_path, monkeypatch):
-    started: list[tuple[int, int]] = []
-    monkeypatch.setattr(blobs, "_sync_file_range", lambda fd, offset, length: started.append((offset, length)))
-    received = ReceivedFile(tmp_path)
-    fragments = [bytes([n]) * size for n, size in enumerate((16_000, 70_000, 200_000, 5, 300_000, 1))]
-    for fragment in fragments:
-        received.write(memoryview(fragment))
-    received.finish()
-
-    total = sum(len(f) for f in fragments)
-    assert [offset for offset, _ in started] == list(itertools.accumulate([0] + [n for _, n in started[:-1]]))
-    assert sum(length for _, length in started) == total  # no gap, no overlap, up to the last byte
-    assert all(length >= blobs.Writeback.WRITEBACK_BYTES for _, length in started[:-1])
-    assert received.path.read_bytes() == b"".join(fragments)
-
-
-def test_a_received_file_whose_write_failed_starts_no_more_disk_writes(tmp_path, monkeypatch):
-    started: list[tuple[int, int]] = []
-    monkeypatch.setattr(blobs, "_sync_file_range", lambda fd, offset, length: started.append((offset, length)))
-    received = ReceivedFile(tmp_path)
-    received.write(b"x" * 10)
-    writable, received._fd = received._fd, os.open(received.path, os.O_RDONLY)  # the next write fails
-    os.close(writable)
-    received.write(b"y" * 300_000)
-    received.finish()
-    assert received.error is not None
-    assert started == []
-    assert not received.path.exists()
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range is Linux's")
-def test_disk_writes_are_started_through_the_real_system_call_on_linux(tmp_path):
-    assert blobs._sync_file_range is not None
-    received = ReceivedFile(tmp_path)
-    data = os.urandom(600_000)
-    received.write(data)
-    received.finish()
-    assert received.path.read_bytes() == data
