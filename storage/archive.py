@@ -35,7 +35,8 @@ from .activity import Foreground
 from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, normalize_date, normalize_time
 from .blobs import BlobStore, FileBlobStore
 from .errors import (
-    ArchiveError, Conflict, InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch, UnsupportedSOPClass,
+    ArchiveError, Conflict, InvalidInstance, InvalidQuery, NotDicom, NotFound, StorageFailure, StudyMismatch,
+    UnsupportedSOPClass,
 )
 from .events import EventBus, InstanceStored, StudyStable
 from .flusher import FolderFlusher
@@ -479,7 +480,7 @@ class Archive:
         if len({part.sop_instance_uid for part in parts}) != len(parts):
             raise ValueError("store_prepared_all takes instances with distinct SOP Instance UIDs")
         if not isinstance(self.blobs, FileBlobStore):
-            return [self._refusal_of(self.store_prepared, part) for part in parts]
+            return [self._store_or_refusal(part) for part in parts]
         outcomes: list[StoreResult | ArchiveError | None] = [None] * len(parts)
         for start in range(0, len(parts), _BATCH):
             chunk = range(start, min(start + _BATCH, len(parts)))
@@ -537,17 +538,16 @@ class Archive:
                     continue
                 flusher.submit(folders, journal_pk)
                 committed.append((position, record, outcome))
-        results: list[StoreResult | ArchiveError] = [failed.get(position) for position in range(len(parts))]  # type: ignore[misc]
+        results: list[Any] = [failed.get(position) for position in range(len(parts))]
         for position, record, outcome in committed:
             result = results[position] = self._stored(parts[position], record, outcome)
             self.metrics.inc("dicomnode_instances_stored_total", source=parts[position].source.kind)
             self.metrics.inc("dicomnode_bytes_stored_total", result.size, source=parts[position].source.kind)
         return results
 
-    def _refusal_of(self, store: Callable[[PreparedInstance], StoreResult],
-                    part: PreparedInstance) -> StoreResult | ArchiveError:
+    def _store_or_refusal(self, part: PreparedInstance) -> StoreResult | ArchiveError:
         try:
-            return store(part)
+            return self.store_prepared(part)
         except ArchiveError as exc:
             return exc
 

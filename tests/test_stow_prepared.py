@@ -63,6 +63,15 @@ def _indexed(archive: Archive, ds) -> list:
     return archive.instances(sop_instance_uids=(str(ds.SOPInstanceUID),))
 
 
+def _assert_only_instance_left(root: Path, sop_instance_uid: str) -> None:
+    """The closed archive at ``root`` holds that one instance: its row, its file, no
+    journal row and no temp file."""
+    state = archive_state(root)
+    assert list(state.rows) == [sop_instance_uid]
+    assert state.files == set(state.rows.values())
+    assert state.journal == [] and state.temp_files == []
+
+
 def _journal_left_after_the_next_transaction(archive: Archive) -> list:
     """Journal rows whose work is not finished: a finished row is deleted by the next
     index transaction, which this runs (an empty one)."""
@@ -178,10 +187,7 @@ def test_store_prepared_all_of_a_resend_replaces_the_instance_with_one_row_and_o
         assert str(archive.read_dataset(stored).PatientName) == "DOE^JANET"
     finally:
         archive.close()
-    state = archive_state(root)
-    assert list(state.rows) == [ds.SOPInstanceUID]
-    assert state.files == set(state.rows.values())
-    assert state.journal == [] and state.temp_files == []
+    _assert_only_instance_left(root, ds.SOPInstanceUID)
 
 
 # ------------------------------------------------------------------ over HTTP, while the body arrives
@@ -403,7 +409,4 @@ def test_kill_9_with_a_stow_body_half_sent_leaves_nothing_of_it_after_a_restart(
         assert response.status_code == 200, response.text
     finally:
         restarted.stop()
-    state = archive_state(data)
-    assert list(state.rows) == [fresh.SOPInstanceUID]
-    assert state.files == set(state.rows.values())
-    assert state.journal == [] and state.temp_files == []
+    _assert_only_instance_left(data, fresh.SOPInstanceUID)
