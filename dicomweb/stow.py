@@ -21,8 +21,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from storage import (
-    Archive, ArchiveError, InvalidInstance, NotDicom, PreparedInstance, Source, StorageFailure, StudyMismatch,
-    UnsupportedSOPClass,
+    Archive, ArchiveError, InvalidInstance, NotDicom, PreparedInstance, Source, StorageFailure,
+    StudyMismatch, UnsupportedSOPClass,
 )
 from storage.uids import is_valid_uid
 
@@ -401,7 +401,7 @@ async def _store_all(request: web.Request, archive: Archive,
         try:
             results = await run_blocking(request, archive.store_prepared_all, [parts[p] for p in positions])
         except BaseException:  # cancelled (the client went away): parts never handed over go now
-            later = [parts[p].temp for positions in rounds[k + 1:] for p in positions]  # type: ignore[union-attr]
+            later = [parts[p].temp for later_round in rounds[k + 1:] for p in later_round]  # type: ignore[union-attr]
             await run_blocking(request, _discard_all, archive, later)
             raise
         for position, result in zip(positions, results):
@@ -436,6 +436,8 @@ def _refused(exc: ArchiveError, uids: tuple[str, str], position: int, source: So
         reason = 0x0110  # nothing identifies it as a DICOM instance: not DICOM
     log.warning("STOW part %d from %s refused (0x%04X): %s", position, source, reason, exc.message)
     return PartOutcome(sop_class, sop_uid, failure_reason=reason, message=exc.message)
+
+
 def _peek_uids(temp: Path) -> tuple[str, str]:
     """SOP class and instance UIDs of a part, if it has them (for the failure report)."""
     try:

@@ -11,7 +11,7 @@ from .sqlite_index import StoredInstance
 
 __all__ = [
     "Archive", "ArchiveError", "Conflict", "EventBus", "InstanceStored", "InvalidInstance",
-    "InvalidQuery", "InvalidUID", "Metrics", "NotDicom", "NotFound", "PreparedInstance", "Query", "Source",
-    "STORAGE_SOP_CLASSES", "StorageFailure", "StoreResult", "StoredInstance", "StudyMismatch",
+    "InvalidQuery", "InvalidUID", "Metrics", "NotDicom", "NotFound", "PreparedInstance", "Query",
+    "Source", "STORAGE_SOP_CLASSES", "StorageFailure", "StoreResult", "StoredInstance", "StudyMismatch",
     "StudyStable", "TooLarge", "UnsupportedSOPClass", "WorkitemError",
 ]
