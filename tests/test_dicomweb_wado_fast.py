@@ -3,6 +3,8 @@ the file bodies sent by sendfile between the part headers. Byte for byte what th
 part writer sends; HEAD and 304 as before; a client that hangs up leaves no file open."""
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import socket
 import time
@@ -135,6 +137,14 @@ def _open_blob_files(node) -> list[str]:
     return found
 
 
+def _node_tasks(node) -> str:
+    """Where the node's event loop tasks are waiting (a failure's explanation)."""
+    out = io.StringIO()
+    for task in list(asyncio.all_tasks(node.loop)):
+        task.print_stack(limit=12, file=out)
+    return out.getvalue()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to list open files")
 def test_a_client_that_hangs_up_mid_stream_leaves_no_file_open(node):
     datasets = corpus.ct_series(48, size=256)  # ~6 MB: more than the socket buffers hold
@@ -151,7 +161,7 @@ def test_a_client_that_hangs_up_mid_stream_leaves_no_file_open(node):
     deadline = time.monotonic() + 20
     while _open_blob_files(node) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _open_blob_files(node) == []
+    assert _open_blob_files(node) == [], _node_tasks(node)  # (seen once in ~8 full runs; not reproduced alone)
     assert requests.get(f"{node.base_url}/healthz", timeout=10).status_code == 200
     full = requests.get(f"{node.base_url}{path}", headers={"Accept": DICOM_ALL}, timeout=60)
     assert len(split_multipart(full)) == 48
