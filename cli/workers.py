@@ -13,8 +13,9 @@ names its owner, SQLite in WAL mode).
 What must stay node-wide goes through the serving process, over each worker's pipe:
 
 - archive events: a worker's (``instance stored``, UPS workitem events) are emitted
-  in the serving process, where the metadata prefill and UPS event reports listen; workitem events are sent on to every HTTP worker for its UPS-RS
-  WebSocket channels. A worker's own event bus delivers nothing else locally;
+  in the serving process, where the metadata prefill and UPS event reports listen;
+  workitem events are sent on to every HTTP worker for its UPS-RS WebSocket channels.
+  A worker's own event bus delivers nothing else locally;
 - counters are sent as increments once a second and added to the serving process's;
   ``/metrics`` answered by a worker is rendered there, so it is the node's;
 - rate limits (API-key plans, login attempts) are counted there: a worker asks it;

@@ -350,7 +350,10 @@ class Archive:
     def store_prepared(self, prepared: PreparedInstance) -> StoreResult:
         """The second half of :meth:`store_temp`: store an instance :meth:`prepare_temp`
         checked. Takes ownership of ``prepared.temp``."""
-        return self._owning(prepared.temp, prepared.source, lambda: self._store_checked(prepared, content_synced=True))
+        [outcome] = self.store_prepared_all([prepared])
+        if isinstance(outcome, ArchiveError):
+            raise outcome
+        return outcome
 
     def _owning(self, temp: Path, source: Source, store: Callable[[], StoreResult]) -> StoreResult:
         """Run ``store``, which ends with ``temp`` renamed into the archive; on failure
@@ -450,15 +453,13 @@ class Archive:
 
     def _store_checked(
         self, prepared: PreparedInstance, synced: "Future[None] | None" = None, fd: int | None = None,
-        content_synced: bool = False,
     ) -> StoreResult:
         temp = prepared.temp
-        owners: dict[str, str | None] = {}
         with self._instance_locks.holding([prepared.sop_instance_uid]):
-            record = self._placement(prepared, owners)
+            record = self._placement(prepared)
             key = record.blob_key
             if isinstance(self.blobs, FileBlobStore):
-                outcome = self._commit_overlapped(temp, key, record, synced, fd, content_synced)
+                outcome = self._commit_overlapped(temp, key, record, synced, fd)
             else:
                 journal_pk = self.index.journal_add(key, "store")
                 try:
@@ -479,7 +480,7 @@ class Archive:
         else ``ValueError``, and nothing is taken over or stored."""
         if len({part.sop_instance_uid for part in parts}) != len(parts):
             raise ValueError("store_prepared_all takes instances with distinct SOP Instance UIDs")
-        if not isinstance(self.blobs, FileBlobStore):
+        if not isinstance(self.blobs, FileBlobStore):  # no batch: one at a time
             return [self._store_or_refusal(part) for part in parts]
         outcomes: list[StoreResult | ArchiveError | None] = [None] * len(parts)
         for start in range(0, len(parts), _BATCH):
@@ -547,17 +548,18 @@ class Archive:
 
     def _store_or_refusal(self, part: PreparedInstance) -> StoreResult | ArchiveError:
         try:
-            return self.store_prepared(part)
+            return self._owning(part.temp, part.source, lambda: self._store_checked(part))
         except ArchiveError as exc:
             return exc
 
-    def _placement(self, prepared: PreparedInstance, owners: dict[str, str | None]) -> InstanceRecord:
+    def _placement(self, prepared: PreparedInstance, owners: dict[str, str | None] | None = None) -> InstanceRecord:
         """The index row for ``prepared``, with the key its file will have; under its
-        instance lock. ``owners``: the organizations of studies looked up so far."""
+        instance lock. ``owners``: the organizations of studies a batch looked up so far."""
         source, study_uid, series_uid = prepared.source, prepared.study_uid, prepared.series_uid
         sop_uid = prepared.sop_instance_uid
         # Before the file goes in place: the same key under another organization's
         # study is that organization's file, which a refused store must not replace.
+        owners = {} if owners is None else owners
         if study_uid not in owners:
             owners[study_uid] = self.index.study_organization(study_uid)
         owner = owners[study_uid]
@@ -610,7 +612,7 @@ class Archive:
 
     def _commit_overlapped(
         self, temp: Path, key: str, record: InstanceRecord, synced: "Future[None] | None" = None,
-        fd: int | None = None, content_synced: bool = False,
+        fd: int | None = None,
     ) -> Any:
         """Journal, file and index with one wait for the disk before the acknowledgement:
 
@@ -623,16 +625,12 @@ class Archive:
 
         A crash after 1 leaves repair a row and a complete file, at ``key`` or at
         ``temp``: it finishes the rename and re-indexes the file. A crash before 1 ends
-        leaves a row whose file is not at ``key``: dropped, with the temp file.
-
-        ``content_synced``: the temp file's content and name are on disk already
-        (:meth:`prepare_temp`); step 1 is the journal row alone."""
+        leaves a row whose file is not at ``key``: dropped, with the temp file."""
         blobs = self.blobs
         assert isinstance(blobs, FileBlobStore) and self.flusher is not None
         journal = self.index.journal_add_async(key, "store", temp=str(temp))
         try:
-            if not content_synced:
-                self._sync_temp(temp, synced, fd)
+            self._sync_temp(temp, synced, fd)
         except BaseException:
             if journal.exception() is None:
                 self.repair_entry(journal.result(), key)  # nothing was placed
