@@ -17,13 +17,14 @@ from dicomweb import create_app
 from dicomweb.keys import API_LIMITER, LOGIN_LIMITER
 from dicomweb.wado import metadata_prefill
 from node import DicomNode
-from node.server import AssociationCounts
+from node.balance import ConnectionCounts
 from storage import Archive, ArchiveError
 from storage.events import EventBus
 from storage.inbox import Inbox
 from storage.metadata_cache import MetadataPrefill
 from storage.metrics import Metrics
 
+from .http_accept import BalancedSockSite, listening_socket
 from .workers import WorkerPool
 
 log = logging.getLogger("dicomnode")
@@ -98,7 +99,7 @@ async def start(settings: Settings) -> Running:
     archive.start_stability_monitor()
     # builds /metadata cache entries of new instances in the background
     prefill = metadata_prefill(archive).subscribe()
-    counts = AssociationCounts.shared(settings.ae.workers) if settings.ae.workers > 1 else None
+    counts = ConnectionCounts.shared(settings.ae.workers) if settings.ae.workers > 1 else None
     node = DicomNode(settings, archive, counts)
     try:
         node.start()
@@ -109,9 +110,17 @@ async def start(settings: Settings) -> Running:
     app = create_app(settings, archive)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.http.host, settings.http.port)
+    # with HTTP worker processes, every process accepts on one socket, one connection at
+    # a time, and the least busy first (cli/http_accept.py)
+    http_counts = ConnectionCounts.shared(settings.http.workers) if settings.http.workers > 1 else None
     try:
-        await site.start()
+        if http_counts is None:
+            site: web.BaseSite = web.TCPSite(runner, settings.http.host, settings.http.port)
+            await site.start()
+            http_socket = site._server.sockets[0]  # type: ignore[attr-defined]
+        else:
+            http_socket = listening_socket(settings.http.host, settings.http.port)
+            await BalancedSockSite(runner, http_socket, http_counts).start()
     except OSError as exc:
         await runner.cleanup()
         await asyncio.get_running_loop().run_in_executor(None, node.stop, 0)
@@ -119,7 +128,6 @@ async def start(settings: Settings) -> Running:
         archive.close()
         raise _port_error("HTTP", settings.http.host, settings.http.port, exc, "[http] port",
                           "--http-port") from exc
-    http_socket = site._server.sockets[0]  # type: ignore[union-attr]
     http_port = http_socket.getsockname()[1]
     inbox = None
     if settings.inbox.path is not None:
@@ -142,7 +150,8 @@ async def start(settings: Settings) -> Running:
         workers = WorkerPool(
             settings, archive, open_archive=open_archive,
             dimse_socket=node.server.socket if counts is not None else None, counts=counts,
-            http_socket=socket.socket(fileno=os.dup(http_socket.fileno())) if settings.http.workers > 1 else None,
+            http_socket=socket.socket(fileno=os.dup(http_socket.fileno())) if http_counts is not None else None,
+            http_counts=http_counts,
             rate_limiters={"login": app[LOGIN_LIMITER], "api": app[API_LIMITER]},
         )
         workers.start()  # they join as they are ready; this process serves meanwhile

@@ -6,9 +6,10 @@ one another. With ``[ae] workers = N`` and/or ``[http] workers = M`` the serving
 process (the one ``dicomnode serve`` started) starts ``max(N, M) - 1`` worker processes.
 Worker ``i`` accepts associations when ``i < N`` and HTTP connections when ``i < M``, on
 the serving process's own listening sockets (inherited, not re-bound: the kernel hands
-each connection to one process). Each worker opens the same archive folder and index,
-which are safe to share between processes (per-process temp folders, a journal that
-names its owner, SQLite in WAL mode).
+each connection to one process; a process serving more connections than another lets
+that one take the next, node/balance.py). Each worker opens the same archive folder and
+index, which are safe to share between processes (per-process temp folders, a journal
+that names its owner, SQLite in WAL mode).
 
 What must stay node-wide goes through the serving process, over each worker's pipe:
 
@@ -20,7 +21,7 @@ What must stay node-wide goes through the serving process, over each worker's pi
   ``/metrics`` answered by a worker is rendered there, so it is the node's;
 - rate limits (API-key plans, login attempts) are counted there: a worker asks it;
 - ``[ae] max_associations`` holds for the node: each process publishes how many
-  associations it serves in shared memory (``node.server.AssociationCounts``).
+  associations it serves in shared memory (``node.balance.ConnectionCounts``).
 
 A worker that dies is restarted, after the serving process has finished or undone the
 stores it had in flight (``Archive.repair(orphans_only=True)``): an instance it had
@@ -46,11 +47,13 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from config import Settings
-from node.server import AssociationCounts
+from node.balance import ConnectionCounts
 from storage import Archive
 from storage.events import EventBus
 from storage.metrics import Metrics
 from storage.workitem_model import WorkitemEvent
+
+from .http_accept import BalancedSockSite
 
 log = logging.getLogger("dicomnode.workers")
 
@@ -186,7 +189,7 @@ class WorkerConfig:
 
 
 def run_worker(config: WorkerConfig, conn: Connection, dimse_socket: socket.socket | None,
-               http_socket: socket.socket | None, slots: Any) -> None:
+               http_socket: socket.socket | None, slots: Any, http_slots: Any) -> None:
     """A worker process's life: serve until told to stop, or until the serving process
     is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the serving process, which stops us
@@ -224,9 +227,10 @@ def run_worker(config: WorkerConfig, conn: Connection, dimse_socket: socket.sock
     if dimse_socket is not None:
         from node import DicomNode  # after the spawn, not when the serving process imports this
 
-        counts = AssociationCounts(slots, config.index)
+        counts = ConnectionCounts(slots, config.index)
         node = DicomNode(config.settings, archive, counts)
         node.start(listening_socket=dimse_socket, report_events=False)
+        counts.update()  # accepting: the other processes may leave connections to this one
 
     def tick() -> None:  # once a second
         if counts is not None:
@@ -236,7 +240,9 @@ def run_worker(config: WorkerConfig, conn: Connection, dimse_socket: socket.sock
     serves = " and ".join(name for name, sock in (("DIMSE", dimse_socket), ("HTTP", http_socket)) if sock)
     try:
         if http_socket is not None:
-            asyncio.run(_serve_http(config, archive, link, http_socket, stop, grace, tick, serves, node))
+            http_counts = ConnectionCounts(http_slots, config.index)
+            asyncio.run(_serve_http(config, archive, link, http_socket, http_counts, stop, grace, tick, serves,
+                                    node))
         else:
             link.send("ready", os.getpid())
             log.info("worker %d (pid %d) serving %s", config.index, os.getpid(), serves)
@@ -253,7 +259,7 @@ def run_worker(config: WorkerConfig, conn: Connection, dimse_socket: socket.sock
 
 
 async def _serve_http(config: WorkerConfig, archive: Archive, link: ParentLink, sock: socket.socket,
-                      stop: threading.Event, grace: list[float], tick: Callable[[], None], serves: str,
+                      counts: ConnectionCounts, stop: threading.Event, grace: list[float], tick: Callable[[], None], serves: str,
                       node: Any) -> None:
     """The HTTP side of a worker: the node's app on the inherited socket, until ``stop``;
     then its requests and ``node``'s associations (if it serves DIMSE too) finish side by
@@ -266,7 +272,7 @@ async def _serve_http(config: WorkerConfig, archive: Archive, link: ParentLink, 
     app = create_app(config.settings, archive, rate_limiters=limiters)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace[0])
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await BalancedSockSite(runner, sock, counts).start()
     link.send("ready", os.getpid())
     log.info("worker %d (pid %d) serving %s", config.index, os.getpid(), serves)
     loop = asyncio.get_running_loop()
@@ -303,14 +309,16 @@ class WorkerPool:
     sockets, relays what they send, answers what they ask, restarts the ones that die."""
 
     def __init__(self, settings: Settings, archive: Archive, *, open_archive: Callable[..., Archive],
-                 dimse_socket: socket.socket | None, counts: AssociationCounts | None,
-                 http_socket: socket.socket | None, rate_limiters: dict[str, Any]) -> None:
+                 dimse_socket: socket.socket | None, counts: ConnectionCounts | None,
+                 http_socket: socket.socket | None, http_counts: ConnectionCounts | None = None,
+                 rate_limiters: dict[str, Any]) -> None:
         self.settings = settings
         self.archive = archive
         self.open_archive = open_archive
         self.dimse_socket = dimse_socket
         self.counts = counts
         self.http_socket = http_socket
+        self.http_counts = http_counts
         self.rate_limiters = rate_limiters
         processes = max(settings.ae.workers, settings.http.workers)
         self.workers = [_Worker(index) for index in range(1, processes)]
@@ -371,7 +379,8 @@ class WorkerPool:
         http = self.http_socket if worker.index < self.settings.http.workers else None
         parent_conn, child_conn = _SPAWN.Pipe()
         slots = self.counts.slots if self.counts is not None else None
-        process = _SPAWN.Process(target=run_worker, args=(config, child_conn, dimse, http, slots),
+        http_slots = self.http_counts.slots if self.http_counts is not None else None
+        process = _SPAWN.Process(target=run_worker, args=(config, child_conn, dimse, http, slots, http_slots),
                                  name=f"dicomnode-worker-{worker.index}", daemon=False)
         process.start()
         child_conn.close()
@@ -411,8 +420,9 @@ class WorkerPool:
                 worker.ready.set()
         pipe.close()
         worker.process.join(timeout=30)
-        if self.counts is not None:
-            self.counts.clear(worker.index)
+        for counts in (self.counts, self.http_counts):
+            if counts is not None and worker.index < len(counts.slots):
+                counts.clear(worker.index)
         if self._stopping.is_set():
             return
         log.error("worker %d (pid %d) ended unexpectedly (exit code %s): finishing its stores in flight, "

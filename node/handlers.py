@@ -58,7 +58,7 @@ class NodeContext:
     settings: Settings
     archive: Archive
     associations: dict[int, AssociationLog] = field(default_factory=dict)
-    association_counts: Any = None  # node.server.AssociationCounts, with worker processes
+    association_counts: Any = None  # node.balance.ConnectionCounts, with worker processes
 
     def peer_of(self, event: Event) -> AssociationLog:
         assoc = event.assoc

@@ -177,7 +177,7 @@ class NodeAE(AE):
     node's limit leaves after the associations the other processes serve, so that
     pynetdicom's own check (A-ASSOCIATE-RJ, local limit exceeded) holds node-wide."""
 
-    association_counts: Any = None  # node.server.AssociationCounts, when shared
+    association_counts: Any = None  # node.balance.ConnectionCounts, when shared
 
     @property
     def maximum_associations(self) -> int:

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (
@@ -26,6 +25,7 @@ from storage import Archive
 from . import handlers as h
 from . import worklist as wl
 from .datasets import install_identifier_encoder
+from .balance import ConnectionCounts, left_to_another
 from .outbound import NodeAE, RetrieveRequestHandler
 
 log = logging.getLogger("dicomnode.node")
@@ -43,7 +43,8 @@ QUERY_RETRIEVE = (
 class DicomNode:
     """Owns the AE and its listening server; ``start`` returns once it accepts."""
 
-    def __init__(self, settings: Settings, archive: Archive, association_counts: Any = None) -> None:
+    def __init__(self, settings: Settings, archive: Archive,
+                 association_counts: ConnectionCounts | None = None) -> None:
         self.settings = settings
         self.archive = archive
         # the associations each process of the node serves (cli/workers.py), or None;
@@ -98,7 +99,8 @@ class DicomNode:
         # associations of node/reactor.py, extended for C-MOVE/C-GET responses and
         # C-GET sub-operations by node/outbound.py (pynetdicom's own request_handler
         # argument).
-        server_class = type("NodeServer", (SharedAcceptServer,), {"adopted_socket": listening_socket})
+        server_class = type("NodeServer", (SharedAcceptServer,),
+                            {"adopted_socket": listening_socket, "counts": self.association_counts})
         server = self.ae.make_server(
             (ae.host, ae.port), ae_title=ae.title, evt_handlers=self.handlers(),
             server_class=server_class, request_handler=RetrieveRequestHandler,
@@ -149,10 +151,25 @@ class DicomNode:
 class SharedAcceptServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, whose listening socket other processes may accept
     on too: accepting never blocks (a connection another process took first is simply
-    not ours), and with ``adopted_socket`` the server takes that socket instead of
-    binding its own."""
+    not ours), a process serving more associations than another lets that one accept
+    first (``counts``), and with ``adopted_socket`` the server takes that socket instead
+    of binding its own."""
 
     adopted_socket: socket.socket | None = None
+    counts: ConnectionCounts | None = None  # the node's associations per process, when shared
+
+    def _handle_request_noblock(self) -> None:
+        """Accept one connection, after a short wait when another process of the node
+        serves fewer associations (node/balance.py)."""
+        if self.counts is not None and left_to_another(self.socket, self.counts):
+            return
+        super()._handle_request_noblock()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        request = super().get_request()
+        if self.counts is not None:
+            self.counts.accepted()
+        return request
 
     def server_bind(self) -> None:
         if self.adopted_socket is None:
@@ -172,32 +189,6 @@ class SharedAcceptServer(ThreadedAssociationServer):
             super().server_close()
         else:  # a shutdown() would end the listening socket in every process
             self.socket.close()
-
-
-class AssociationCounts:
-    """How many associations each process of the node serves: one slot per process in
-    shared memory, written only by its owner."""
-
-    def __init__(self, slots: Any, index: int) -> None:
-        self.slots = slots  # multiprocessing RawArray('i', processes)
-        self.index = index
-        self.active: Callable[[], int] = lambda: 0  # this process's count, once serving
-
-    @classmethod
-    def shared(cls, processes: int) -> "AssociationCounts":
-        """The serving process's counts (slot 0), with a slot for each worker."""
-        return cls(multiprocessing.get_context("spawn").RawArray("i", processes), 0)
-
-    def update(self, closing: int = 0) -> None:
-        """Publish this process's count (``closing``: connections ending right now)."""
-        self.slots[self.index] = max(0, self.active() - closing)
-
-    def others(self) -> int:
-        return sum(self.slots) - self.slots[self.index]
-
-    def clear(self, index: int) -> None:
-        """A process that is gone serves nothing."""
-        self.slots[index] = 0
 
 
 def build_ae(settings: Settings) -> NodeAE:
