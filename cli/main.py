@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Sequence
 
@@ -107,7 +108,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     interrupted = False
     stop_requested = []
 
-    def on_sigint(signum, frame) -> None:  # first Ctrl-C: finish the file in hand, then stop
+    def on_sigint(signum, frame) -> None:  # first Ctrl-C: finish the files in hand, then stop
         if stop_requested:
             raise KeyboardInterrupt
         stop_requested.append(signum)
@@ -118,13 +119,14 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             total=sum(i.size for i in items), unit="B", unit_scale=True, unit_divisor=1024,
             desc="importing", disable=args.no_progress or None, file=sys.stderr,
         ) as bar:
-            for outcome in import_items(archive, items, Source("import", "cli")):
-                summary.add(outcome)
-                bar.update(outcome.size)
-                bar.set_postfix(stored=summary.stored, duplicate=summary.duplicate, rejected=summary.rejected,
-                                failed=summary.failed)
-                if stop_requested:
-                    break
+            # stop: the files in hand are stored and told, no more are started
+            outcomes = import_items(archive, items, Source("import", "cli"), stop=lambda: bool(stop_requested))
+            with closing(outcomes):  # its threads done before the archive closes
+                for outcome in outcomes:
+                    summary.add(outcome)
+                    bar.update(outcome.size)
+                    bar.set_postfix(stored=summary.stored, duplicate=summary.duplicate,
+                                    rejected=summary.rejected, failed=summary.failed)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once (a store cut short is undone)
         pass
     finally:

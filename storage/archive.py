@@ -259,21 +259,7 @@ class Archive:
         An error reading ``stream`` propagates as it is; an error writing the archive's
         temp file (disk full...) is a :class:`StorageFailure`, so callers can tell a bad
         input from an archive that cannot write."""
-        try:
-            fh, temp = self.blobs.new_temp()
-        except OSError as exc:
-            raise StorageFailure(f"the archive could not write a temp file: {exc.strerror or exc}") from exc
-        try:
-            with fh:
-                while chunk := stream.read(_COPY_CHUNK):
-                    try:
-                        fh.write(chunk)
-                    except OSError as exc:
-                        raise StorageFailure(f"the archive could not write: {exc.strerror or exc}") from exc
-        except BaseException:
-            self.blobs.discard_temp(temp)
-            raise
-        return self.store_temp(temp, source, expected_study)
+        return self.store_temp(self.copy_to_temp(stream), source, expected_study)
 
     def store_file(self, path: Path, source: Source, expected_study: str | None = None) -> StoreResult:
         """Store a copy of the file at ``path`` (the original is left alone)."""
@@ -304,6 +290,26 @@ class Archive:
     def new_temp(self) -> tuple[BinaryIO, Path]:
         """A temp file inside the archive that a caller fills and hands to ``store_temp``."""
         return self.blobs.new_temp()
+
+    def copy_to_temp(self, stream: BinaryIO) -> Path:
+        """A temp file (as from :meth:`new_temp`) holding what ``stream`` reads, copied in
+        chunks. Errors as :meth:`store_stream`'s: reading ``stream`` propagates as it is,
+        writing is a :class:`StorageFailure`; on either the temp file goes."""
+        try:
+            fh, temp = self.blobs.new_temp()
+        except OSError as exc:
+            raise StorageFailure(f"the archive could not write a temp file: {exc.strerror or exc}") from exc
+        try:
+            with fh:
+                while chunk := stream.read(_COPY_CHUNK):
+                    try:
+                        fh.write(chunk)
+                    except OSError as exc:
+                        raise StorageFailure(f"the archive could not write: {exc.strerror or exc}") from exc
+        except BaseException:
+            self.blobs.discard_temp(temp)
+            raise
+        return temp
 
     def discard_temp(self, temp: Path) -> None:
         self.blobs.discard_temp(temp)

@@ -1,14 +1,23 @@
 """Bulk import of files, folders (recursive) and .zip archives through the one ingest path."""
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import zipfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Callable, Generator, Iterable
 
-from .archive import Archive, Source
-from .errors import ArchiveError, InvalidInstance, StorageFailure
+from .archive import Archive, PreparedInstance, Source, StoreResult
+from .errors import ArchiveError, StorageFailure
+
+
+_THREADS = 4  # items copied and prepared at once
+_WINDOW = 64  # items in hand at most: being prepared, prepared, being stored
+_BATCH = 32  # items stored together at most
 
 
 @dataclass(frozen=True)
@@ -88,33 +97,127 @@ def _file_items(path: Path) -> list[ImportItem]:
     return [ImportItem(str(path), path.stat().st_size, path)]
 
 
-def import_items(archive: Archive, items: Iterable[ImportItem], source: Source) -> Iterator[ImportOutcome]:
-    """Store each item; yields one outcome per item (never raises for a bad file)."""
-    zips: dict[Path, zipfile.ZipFile] = {}
+def import_items(
+    archive: Archive, items: Iterable[ImportItem], source: Source, stop: Callable[[], bool] = lambda: False,
+) -> Generator[ImportOutcome, None, None]:
+    """Store each item; yields one outcome per item, in the order of ``items`` (never
+    raises for a bad file).
+
+    A few threads copy items into the archive's temp folder and prepare them (parse,
+    check, sync: :meth:`Archive.prepare_temp`), at most ``_WINDOW`` ahead of what is
+    stored; this thread stores what they prepared in batches
+    (:meth:`Archive.store_prepared_all`) and yields the outcomes of each batch.
+
+    ``stop`` is asked before each batch: once it says so, nothing more is stored and
+    the outcomes end with those of the last batch stored. Closing the generator early
+    stores nothing more either, but the outcomes after the last one taken, of items
+    stored with it, are not told. Either way no prepared temp file is left behind."""
+    items = iter(items)
+    readers = _Readers()
+    pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="import")
+    ahead: deque[tuple[ImportItem, Future[PreparedInstance | ImportOutcome]]] = deque()  # not stored yet
     try:
-        for item in items:
-            try:
-                if not item.path.exists():
-                    yield ImportOutcome(item.name, "rejected", "no such file or folder")
-                    continue
-                if item.member is None:
-                    result = archive.store_file(item.path, source)
-                else:
-                    zf = zips.get(item.path)
-                    if zf is None:
-                        zf = zips[item.path] = zipfile.ZipFile(item.path)
-                    with zf.open(item.member) as stream:
-                        result = archive.store_stream(stream, source)
-            except InvalidInstance as exc:
-                yield ImportOutcome(item.name, "rejected", exc.message, item.size)
-            except StorageFailure as exc:
-                yield ImportOutcome(item.name, "failed", exc.message, item.size)
-            except ArchiveError as exc:
-                yield ImportOutcome(item.name, "rejected", exc.message, item.size)
-            except (OSError, zipfile.BadZipFile) as exc:
-                yield ImportOutcome(item.name, "rejected", f"cannot read: {exc}", item.size)
-            else:
-                yield ImportOutcome(item.name, "duplicate" if result.replaced else "stored", "", result.size)
+        while not stop():
+            while len(ahead) < _WINDOW and (item := next(items, None)) is not None:
+                ahead.append((item, pool.submit(_prepare, archive, readers, item, source)))
+            if not ahead:
+                return
+            batch = _next_batch(ahead)  # the others in ``ahead`` are prepared meanwhile
+            parts = [done for _, done in batch if isinstance(done, PreparedInstance)]
+            results = iter(archive.store_prepared_all(parts))
+            for _ in batch:
+                ahead.popleft()
+            for item, done in batch:
+                yield _outcome(item, next(results) if isinstance(done, PreparedInstance) else done)
     finally:
-        for zf in zips.values():
-            zf.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+        readers.close()
+        for _, future in ahead:  # prepared, never stored
+            if not future.cancelled() and future.exception() is None:
+                if isinstance(done := future.result(), PreparedInstance):
+                    archive.discard_temp(done.temp)
+
+
+def _next_batch(
+    ahead: deque[tuple[ImportItem, Future[PreparedInstance | ImportOutcome]]],
+) -> list[tuple[ImportItem, PreparedInstance | ImportOutcome]]:
+    """The items at the front of ``ahead`` to store together: the first (waited for)
+    and those after it that are ready, up to ``_BATCH``, ending before a SOP Instance
+    UID the batch has already (the later one is stored after it, and wins)."""
+    batch: list[tuple[ImportItem, PreparedInstance | ImportOutcome]] = []
+    uids: set[str] = set()
+    for item, future in itertools.islice(ahead, _BATCH):
+        if batch and not future.done():
+            break
+        done = future.result()
+        if isinstance(done, PreparedInstance):
+            if done.sop_instance_uid in uids:
+                break
+            uids.add(done.sop_instance_uid)
+        batch.append((item, done))
+    return batch
+
+
+def _prepare(
+    archive: Archive, readers: _Readers, item: ImportItem, source: Source,
+) -> PreparedInstance | ImportOutcome:
+    """Copy ``item`` into a temp file and prepare it; or why it cannot be stored."""
+    try:
+        if not item.path.exists():
+            return ImportOutcome(item.name, "rejected", "no such file or folder")
+        with readers.open(item) as stream:
+            temp = archive.copy_to_temp(stream)
+        try:
+            return archive.prepare_temp(temp, source)
+        except BaseException:
+            archive.discard_temp(temp)
+            raise
+    except ArchiveError as exc:
+        return _outcome(item, exc)
+    except (OSError, zipfile.BadZipFile) as exc:
+        return ImportOutcome(item.name, "rejected", f"cannot read: {exc}", item.size)
+
+
+def _outcome(item: ImportItem, done: StoreResult | ArchiveError | ImportOutcome) -> ImportOutcome:
+    if isinstance(done, ImportOutcome):
+        return done
+    if isinstance(done, StorageFailure):  # the archive could not write
+        return ImportOutcome(item.name, "failed", done.message, item.size)
+    if isinstance(done, ArchiveError):  # InvalidInstance and any other refusal: a bad file
+        return ImportOutcome(item.name, "rejected", done.message, item.size)
+    return ImportOutcome(item.name, "duplicate" if done.replaced else "stored", "", done.size)
+
+
+class _Readers:
+    """Opens items for the import threads. A ZipFile is not to be read by two threads
+    at once: each thread opens its own, and keeps only the one it read last open (items
+    come in order, so the members of one archive come one after the other)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._open: set[zipfile.ZipFile] = set()
+        self._lock = threading.Lock()
+
+    def open(self, item: ImportItem) -> BinaryIO:
+        if item.member is None:
+            return open(item.path, "rb")
+        path, zf = getattr(self._local, "zip", (None, None))
+        if path != item.path:
+            if zf is not None:
+                self._local.zip = (None, None)
+                self._forget(zf)
+            zf = zipfile.ZipFile(item.path)
+            with self._lock:
+                self._open.add(zf)
+            self._local.zip = (item.path, zf)
+        return zf.open(item.member)
+
+    def _forget(self, zf: zipfile.ZipFile) -> None:
+        with self._lock:
+            self._open.discard(zf)
+        zf.close()
+
+    def close(self) -> None:
+        """Close every archive still open (once no thread reads any more)."""
+        for zf in list(self._open):
+            self._forget(zf)

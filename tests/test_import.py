@@ -12,6 +12,7 @@ import termios
 import threading
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import pydicom
 import pytest
@@ -290,3 +291,158 @@ def test_import_reports_an_archive_write_failure_as_such_not_as_a_bad_file(tmp_p
     assert "cannot read" not in proc.stdout
     state = archive_state(data_dir)
     assert state.rows == {} and state.files == set()
+
+
+# ------------------------------------------------------------------ import_items in-process
+
+
+@pytest.fixture
+def archive(data_dir: Path):
+    from storage import Archive
+
+    opened = Archive(data_dir)
+    yield opened
+    opened.close()
+
+
+def import_paths(archive, paths: list[Path], **kwargs) -> Iterator:
+    from storage import Source
+    from storage.importer import collect, import_items
+
+    return import_items(archive, collect(paths), Source("import", "test"), **kwargs)
+
+
+def temp_files(archive) -> list[Path]:
+    """The files in this archive's own temp folder (it is removed when the archive closes)."""
+    return [p for p in archive.blobs.tmp.rglob("*") if p.is_file()]
+
+
+def second_version(path: Path, folder: Path) -> Path:
+    """The same instance (same UIDs) with other content, saved in ``folder``."""
+    ds = pydicom.dcmread(path)
+    ds.ImageComments = "the second version"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_import_outcomes_come_in_item_order_with_good_and_bad_files_mixed_over_batches(tmp_path, archive):
+    good = ct_files(tmp_path / "in", 100)  # more than one batch, and more than the threads read ahead
+    paths: list[Path] = []
+    for i, path in enumerate(good):
+        paths.append(path)
+        if i % 7 == 3:  # a bad file is told apart faster than a good one is stored
+            paths.append(not_dicom(tmp_path / "bad" / f"notes{i}.txt"))
+        if i == 50:
+            paths.append(tmp_path / "gone.dcm")
+    outcomes = list(import_paths(archive, paths))
+    assert [o.name for o in outcomes] == [str(p) for p in paths]
+    assert [o.status for o in outcomes] == ["stored" if p in good else "rejected" for p in paths]
+    assert len(archive_state(archive.root).rows) == len(good)
+
+
+def test_import_of_an_instance_twice_in_one_run_keeps_the_later_content(tmp_path, data_dir):
+    first = ct_files(tmp_path / "first", 20)
+    later = [second_version(p, tmp_path / "later" / p.stem) for p in first]
+    pairs = [path for pair in zip(first, later) for path in pair]  # each right after its first version
+    proc = dicomnode_import(data_dir, *pairs)
+    assert proc.returncode == 0, proc.stderr
+    assert "stored: 20  duplicate: 20  rejected: 0" in proc.stdout
+    state = archive_state(data_dir)
+    assert state.files == set(state.rows.values()) and len(state.rows) == 20
+    for path in later:
+        assert (data_dir / "blobs" / state.rows[uid_of(path)]).read_bytes() == path.read_bytes()
+
+
+def test_import_reports_the_first_of_a_repeated_instance_stored_and_the_second_duplicate(tmp_path, archive):
+    [first] = ct_files(tmp_path / "first", 1)
+    later = second_version(first, tmp_path / "later")
+    outcomes = list(import_paths(archive, [first, later]))
+    assert [(o.name, o.status) for o in outcomes] == [(str(first), "stored"), (str(later), "duplicate")]
+
+
+def test_import_closed_early_leaves_no_temp_file_and_every_instance_told_stored_in_place(tmp_path, archive):
+    files = ct_files(tmp_path / "in", 200)
+    outcomes = import_paths(archive, files)
+    told = [next(outcomes) for _ in range(40)]
+    outcomes.close()
+    assert temp_files(archive) == []
+    assert {o.status for o in told} == {"stored"}
+    for outcome in told:
+        path = Path(outcome.name)
+        [row] = archive.instances(sop_instance_uids=(uid_of(path),))
+        assert archive.instance_path(row).read_bytes() == path.read_bytes()
+    assert len(archive_state(archive.root).rows) < len(files)  # it did stop
+
+
+def test_import_asked_to_stop_stores_no_more_than_it_tells(tmp_path, archive):
+    files = ct_files(tmp_path / "in", 200)
+    told = []
+    for outcome in import_paths(archive, files, stop=lambda: len(told) >= 10):
+        told.append(outcome)
+    assert 10 <= len(told) < len(files)
+    assert len(archive_state(archive.root).rows) == len(told)
+    assert temp_files(archive) == []
+
+
+def test_import_goes_on_past_a_file_that_became_unreadable(tmp_path, archive):
+    from storage import Source
+    from storage.importer import collect, import_items
+
+    files = ct_files(tmp_path / "in", 40)
+    items = collect(files)
+    files[5].unlink()
+    files[5].mkdir()  # listed as a file, a folder by the time it is read
+    outcomes = list(import_items(archive, items, Source("import", "test")))
+    assert outcomes[5].status == "rejected" and outcomes[5].reason.startswith("cannot read: ")
+    assert [o.status for o in outcomes[:5] + outcomes[6:]] == ["stored"] * 39
+    assert temp_files(archive) == []
+
+
+def test_import_of_a_zip_rejects_a_member_that_cannot_be_read_and_stores_the_others(tmp_path, archive):
+    files = ct_files(tmp_path / "in", 70)
+    zipped = tmp_path / "study.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:  # stored, not compressed: a byte flipped is a CRC error
+        for path in files:
+            zf.write(path, path.name)
+        damaged = zf.getinfo(files[30].name)
+    data = bytearray(zipped.read_bytes())
+    data[damaged.header_offset + 30 + len(damaged.filename) + damaged.compress_size // 2] ^= 0xFF  # its content
+    zipped.write_bytes(bytes(data))
+    outcomes = list(import_paths(archive, [zipped]))
+    assert [o.name for o in outcomes] == [f"{zipped}!{p.name}" for p in files]
+    assert outcomes[30].status == "rejected" and "Bad CRC-32" in outcomes[30].reason
+    assert [o.status for o in outcomes[:30] + outcomes[31:]] == ["stored"] * 69
+    for path in files[:30] + files[31:]:
+        [row] = archive.instances(sop_instance_uids=(uid_of(path),))
+        assert archive.instance_path(row).read_bytes() == path.read_bytes()
+
+
+def test_import_of_several_zip_archives_stores_the_members_of_each(tmp_path, archive):
+    files = ct_files(tmp_path / "in", 30)
+    zips = [tmp_path / f"cd{n}.zip" for n in range(10)]
+    for n, zipped in enumerate(zips):  # fewer members each than threads read at once
+        with zipfile.ZipFile(zipped, "w") as zf:
+            for path in files[3 * n: 3 * n + 3]:
+                zf.write(path, f"DICOM/{path.name}")
+    outcomes = list(import_paths(archive, zips))
+    assert [o.status for o in outcomes] == ["stored"] * 30
+    assert stored_uids(archive.root) == {uid_of(p) for p in files}
+
+
+def test_import_of_many_zip_archives_keeps_few_files_open(tmp_path, archive):
+    files = ct_files(tmp_path / "in", 150)
+    zips = []
+    for path in files:
+        zipped = tmp_path / "zips" / f"{path.stem}.zip"
+        zipped.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(zipped, "w") as zf:
+            zf.write(path, path.name)
+        zips.append(zipped)
+    before = len(os.listdir("/proc/self/fd"))
+    most = before
+    for outcome in import_paths(archive, zips):
+        assert outcome.status == "stored"
+        most = max(most, len(os.listdir("/proc/self/fd")))
+    assert most - before < 30  # a few per thread, not one per archive
