@@ -259,8 +259,8 @@ def run_worker(config: WorkerConfig, conn: Connection, dimse_socket: socket.sock
 
 
 async def _serve_http(config: WorkerConfig, archive: Archive, link: ParentLink, sock: socket.socket,
-                      counts: ConnectionCounts, stop: threading.Event, grace: list[float], tick: Callable[[], None], serves: str,
-                      node: Any) -> None:
+                      counts: ConnectionCounts, stop: threading.Event, grace: list[float],
+                      tick: Callable[[], None], serves: str, node: Any) -> None:
     """The HTTP side of a worker: the node's app on the inherited socket, until ``stop``;
     then its requests and ``node``'s associations (if it serves DIMSE too) finish side by
     side."""
