@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ class Archive:
         self.metrics = metrics or Metrics()
         self.workitems = WorkitemStore(self.index, self.events, self.generate_uid)
         self._instance_locks = _InstanceLocks()
+        self._own_studies = _StudiesStored()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         if repair:  # off for a worker process joining a running node (cli/workers.py)
@@ -563,11 +565,17 @@ class Archive:
         instance lock. ``owners``: the organizations of studies a batch looked up so far."""
         source, study_uid, series_uid = prepared.source, prepared.study_uid, prepared.series_uid
         sop_uid = prepared.sop_instance_uid
-        # Before the file goes in place: the same key under another organization's
-        # study is that organization's file, which a refused store must not replace.
+        # Refused before the file goes in place: a study of another organization. (The
+        # index row is the check that holds, in the writer's transaction; this one spares
+        # the file's rename and the row's attempt.) A study this process stored into for
+        # the same organization a moment ago needs no query: if it has been deleted and
+        # made again by another organization since, the index refuses.
         owners = {} if owners is None else owners
         if study_uid not in owners:
-            owners[study_uid] = self.index.study_organization(study_uid)
+            if self._own_studies.holds(study_uid, source.organization):
+                owners[study_uid] = source.organization
+            else:
+                owners[study_uid] = self.index.study_organization(study_uid)
         owner = owners[study_uid]
         if owner is not None and owner != source.organization:
             raise Conflict(f"study {study_uid} belongs to another organization", study_uid=study_uid)
@@ -583,6 +591,7 @@ class Archive:
         """An instance is stored: its obsolete file goes, it is logged and announced."""
         self._drop_obsolete(outcome)
         source = prepared.source
+        self._own_studies.add(prepared.study_uid, source.organization)
         result = StoreResult(
             sop_class_uid=prepared.sop_class_uid,
             sop_instance_uid=prepared.sop_instance_uid,
@@ -841,6 +850,28 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, str]:
     if fast is not None:
         return fast  # type: ignore[return-value]  # a FastHeader serves as the Dataset here
     return _parse_with_pydicom(fh, size)
+
+
+class _StudiesStored:
+    """The organization of the studies this process stored into last (a few hundred).
+    What it says may be out of date (a study deleted since): a hint, which the index
+    checks again."""
+
+    SIZE = 512
+
+    def __init__(self) -> None:
+        self._orgs: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def holds(self, study_uid: str, organization: str) -> bool:
+        return self._orgs.get(study_uid) == organization
+
+    def add(self, study_uid: str, organization: str) -> None:
+        with self._lock:
+            self._orgs[study_uid] = organization
+            self._orgs.move_to_end(study_uid)
+            if len(self._orgs) > self.SIZE:
+                self._orgs.popitem(last=False)
 
 
 class _InstanceLocks:

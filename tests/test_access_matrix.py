@@ -629,3 +629,26 @@ def test_archive_refuses_another_organizations_instance_before_replacing_its_fil
             assert fh.read() == before
     finally:
         archive.close()
+
+
+def test_archive_refuses_an_instance_for_a_study_another_organization_made_again_after_a_delete(tmp_path) -> None:
+    """The archive remembers the studies it just stored into (no query for the next
+    instance of the same study); one deleted and made again by another organization is
+    still refused, and leaves no file."""
+    from storage import Archive, Conflict
+
+    archive = Archive(tmp_path / "archive")
+    try:
+        first, second, third = corpus.ct_series(3, size=8)
+        study = first.StudyInstanceUID
+        archive.store_bytes(encoded(first), Source("test", organization="hospital-a"))
+        assert archive.delete(study) == 1
+        archive.store_bytes(encoded(second), Source("test", organization="hospital-b"))
+        with pytest.raises(Conflict):
+            archive.store_bytes(encoded(third), Source("test", organization="hospital-a"))
+        assert [item.sop_instance_uid for item in archive.instances(study)] == [second.SOPInstanceUID]
+        archive.flusher.drain(10)
+        files = [p for p in (tmp_path / "archive" / "blobs").rglob("*") if p.is_file()]
+        assert [p.name for p in files] == [f"{second.SOPInstanceUID}.dcm"]
+    finally:
+        archive.close()
