@@ -68,8 +68,11 @@ class ConnectionCounts:
 
 
 def waiting(sock: socket.socket) -> bool:
-    """Is a connection waiting to be accepted on the listening socket ``sock``?"""
-    return bool(select.select([sock], [], [], 0)[0])
+    """Is a connection waiting to be accepted on the listening socket ``sock``? (poll,
+    not select: any descriptor number will do)"""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def left_to_another(sock: socket.socket, counts: ConnectionCounts) -> bool:

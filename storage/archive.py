@@ -129,7 +129,7 @@ class Archive:
         self.metrics = metrics or Metrics()
         self.workitems = WorkitemStore(self.index, self.events, self.generate_uid)
         self._instance_locks = _InstanceLocks()
-        self._own_studies = _StudiesStored()
+        self._studies_stored = _StudiesStored()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         if repair:  # off for a worker process joining a running node (cli/workers.py)
@@ -572,7 +572,7 @@ class Archive:
         # made again by another organization since, the index refuses.
         owners = {} if owners is None else owners
         if study_uid not in owners:
-            if self._own_studies.holds(study_uid, source.organization):
+            if self._studies_stored.holds(study_uid, source.organization):
                 owners[study_uid] = source.organization
             else:
                 owners[study_uid] = self.index.study_organization(study_uid)
@@ -591,7 +591,7 @@ class Archive:
         """An instance is stored: its obsolete file goes, it is logged and announced."""
         self._drop_obsolete(outcome)
         source = prepared.source
-        self._own_studies.add(prepared.study_uid, source.organization)
+        self._studies_stored.add(prepared.study_uid, source.organization)
         result = StoreResult(
             sop_class_uid=prepared.sop_class_uid,
             sop_instance_uid=prepared.sop_instance_uid,
