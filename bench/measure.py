@@ -133,6 +133,29 @@ class FindSession:
             self.assoc.release()
 
 
+def file_creation_us(folder: Path, count: int = 300) -> float:
+    """Median CPU microseconds this process spends creating an empty file in ``folder``
+    (each server creates one per instance stored). On a file system without a journal,
+    ext4 checks free inodes for a recent deletion before reusing one, and the cost then
+    depends on how many files were deleted lately: a measure of the machine, taken at
+    the start and at the end of a run."""
+    import os
+
+    probe = folder / f"create-probe-{uuid.uuid4().hex}"
+    probe.mkdir(parents=True)
+    costs = []
+    try:
+        for i in range(count):
+            started = time.process_time()
+            os.close(os.open(probe / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            costs.append((time.process_time() - started) * 1e6)
+    finally:
+        for i in range(len(costs)):
+            os.unlink(probe / str(i))
+        probe.rmdir()
+    return statistics.median(costs)
+
+
 def echo_ms(server: Server) -> float:
     """One C-ECHO with echoscu: the fixed cost of a dcmtk tool start plus an association."""
     started = time.perf_counter()

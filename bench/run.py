@@ -27,7 +27,8 @@ import pydicom
 
 from . import corpus
 from .measure import (
-    FindSession, NotAvailable, cmove, cstore, echo_ms, http_get, http_get_streamed, median, percentile,
+    FindSession, NotAvailable, cmove, cstore, echo_ms, file_creation_us, http_get, http_get_streamed, median,
+    percentile,
     peak_rss_during, qido, service_available, stow, stow_stream, _conn,
 )
 from .servers import Server, orthanc_exe, start_dicomnode, start_orthanc, start_storescp
@@ -572,8 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(plan, work, log)
     bench.results["meta"] = {
         "started": stamp, "plan": asdict(plan), "python": sys.version.split()[0], "machine": platform.platform(),
-        "cpus": __import__("os").cpu_count(),
+        "cpus": __import__("os").cpu_count(), "file_creation_us": {"start": file_creation_us(work)},
     }
+    log(f"machine: creating a file costs {bench.results['meta']['file_creation_us']['start']:.0f} us of CPU")
     started = time.perf_counter()
     try:
         bench.run()
@@ -588,6 +590,10 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     finally:
         bench.stop()
+        try:
+            bench.results["meta"]["file_creation_us"]["end"] = file_creation_us(work)
+        except OSError as exc:  # the run's own error matters more
+            bench.note(f"file creation not measured at the end: {exc}")
         shutil.rmtree(work, ignore_errors=True)
     bench.results["meta"]["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
@@ -597,7 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{stamp}-{name}-{i}.log").write_bytes(text)
     print()
     print(table(bench.results))
-    print(f"\nresults: {out}")
+    creation = bench.results["meta"]["file_creation_us"]
+    if "end" in creation:
+        print(f"\nCreating a file cost {creation['start']:.0f} us of CPU at the start of the run and "
+              f"{creation['end']:.0f} us at its end (the servers create one per instance).")
+    print(f"results: {out}")
     if not args.no_chart and chart(bench.results, args.out / f"{stamp}.png"):
         print(f"chart:   {args.out / f'{stamp}.png'}")
     return status

@@ -20,6 +20,7 @@ def test_bench_quick_mode_writes_results_json_with_the_figures(tmp_path):
     [results_file] = out.glob("*.json")
     results = json.loads(results_file.read_text())
     assert {"meta", "figures", "notes", "available", "index_sizes"} <= set(results)
+    assert set(results["meta"]["file_creation_us"]) == {"start", "end"}  # the machine's state, for reading the run
     figures = results["figures"]
     for name in ("cstore_1_assoc", "cstore_4_assoc", "cstore_1_assoc_big_index", "cmove_study"):
         assert set(figures[name]) == {"dicomnode", "storescp"} - ({"storescp"} if name == "cmove_study" else set())
