@@ -385,33 +385,21 @@ def _discard_all(archive: Archive, temps: list[Path]) -> None:
 
 async def _store_all(request: web.Request, archive: Archive,
                      parts: list[PreparedInstance | PartOutcome]) -> list[PartOutcome]:
-    """Store the prepared parts together (``Archive.store_prepared_all``). Parts that
-    carry the same SOP Instance UID are stored one after the other in body order (the
-    last one wins, as when stored one by one): the k-th of each UID in the k-th round."""
-    outcomes = [part if isinstance(part, PartOutcome) else None for part in parts]
-    rounds: list[list[int]] = []
-    seen: dict[str, int] = {}
+    """Store the prepared parts together (``Archive.store_prepared_in_order``: the same
+    SOP Instance UID twice in a body, the later part wins). Once handed over, the parts
+    are the archive's: a client that goes away meanwhile does not undo them."""
+    prepared = [part for part in parts if isinstance(part, PreparedInstance)]
+    results = iter(await run_blocking(request, archive.store_prepared_in_order, prepared))
+    outcomes = []
     for position, part in enumerate(parts):
         if isinstance(part, PreparedInstance):
-            k = seen[part.sop_instance_uid] = seen.get(part.sop_instance_uid, -1) + 1
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append(position)
-    for k, positions in enumerate(rounds):
-        try:
-            results = await run_blocking(request, archive.store_prepared_all, [parts[p] for p in positions])
-        except BaseException:  # cancelled (the client went away): parts never handed over go now
-            later = [parts[p].temp for later_round in rounds[k + 1:] for p in later_round]  # type: ignore[union-attr]
-            await run_blocking(request, _discard_all, archive, later)
-            raise
-        for position, result in zip(positions, results):
-            part = parts[position]
-            assert isinstance(part, PreparedInstance)
-            outcomes[position] = (
+            result = next(results)
+            part = (
                 _refused(result, (part.sop_class_uid, part.sop_instance_uid), position + 1, part.source)
                 if isinstance(result, ArchiveError) else
                 PartOutcome(result.sop_class_uid, result.sop_instance_uid, result.study_uid, result.series_uid))
-    return outcomes  # type: ignore[return-value]
+        outcomes.append(part)
+    return outcomes
 
 
 def _prepare_one(archive: Archive, temp: Path, position: int, source: Source,

@@ -497,6 +497,32 @@ class Archive:
                 outcomes[position] = result
         return outcomes  # type: ignore[return-value]
 
+    def store_prepared_in_order(self, parts: list[PreparedInstance]) -> list[StoreResult | ArchiveError]:
+        """:meth:`store_prepared_all` for parts that may carry the same SOP Instance UID
+        more than once (a STOW-RS body, an import): those are stored one after the other
+        in the parts' order, so the last one wins as when stored one by one; the k-th of
+        each UID goes in the k-th call. Takes ownership of every temp file (those of
+        later calls go when an earlier one fails); returns each part's outcome in order."""
+        rounds: list[list[int]] = []
+        seen: dict[str, int] = {}
+        for position, part in enumerate(parts):
+            k = seen[part.sop_instance_uid] = seen.get(part.sop_instance_uid, -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(position)
+        outcomes: list[StoreResult | ArchiveError | None] = [None] * len(parts)
+        for k, positions in enumerate(rounds):
+            try:
+                results = self.store_prepared_all([parts[p] for p in positions])
+            except BaseException:
+                for later in rounds[k + 1:]:
+                    for p in later:
+                        self.blobs.discard_temp(parts[p].temp)
+                raise
+            for position, result in zip(positions, results):
+                outcomes[position] = result
+        return outcomes  # type: ignore[return-value]
+
     def _store_batch(self, parts: list[PreparedInstance]) -> list[StoreResult | ArchiveError]:
         """:meth:`_commit_overlapped` for each part, step by step for all of them at once."""
         blobs, flusher = self.blobs, self.flusher

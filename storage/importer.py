@@ -106,7 +106,8 @@ def import_items(
     A few threads copy items into the archive's temp folder and prepare them (parse,
     check, sync: :meth:`Archive.prepare_temp`), at most ``_WINDOW`` ahead of what is
     stored; this thread stores what they prepared in batches
-    (:meth:`Archive.store_prepared_all`) and yields the outcomes of each batch.
+    (:meth:`Archive.store_prepared_in_order`: the same instance twice, the later one
+    wins) and yields the outcomes of each batch.
 
     ``stop`` is asked before each batch: once it says so, nothing more is stored and
     the outcomes end with those of the last batch stored. Closing the generator early
@@ -123,10 +124,10 @@ def import_items(
             if not ahead:
                 return
             batch = _next_batch(ahead)  # the others in ``ahead`` are prepared meanwhile
-            parts = [done for _, done in batch if isinstance(done, PreparedInstance)]
-            results = iter(archive.store_prepared_all(parts))
-            for _ in batch:
+            for _ in batch:  # handed over to the archive
                 ahead.popleft()
+            parts = [done for _, done in batch if isinstance(done, PreparedInstance)]
+            results = iter(archive.store_prepared_in_order(parts))
             for item, done in batch:
                 yield _outcome(item, next(results) if isinstance(done, PreparedInstance) else done)
     finally:
@@ -142,19 +143,12 @@ def _next_batch(
     ahead: deque[tuple[ImportItem, Future[PreparedInstance | ImportOutcome]]],
 ) -> list[tuple[ImportItem, PreparedInstance | ImportOutcome]]:
     """The items at the front of ``ahead`` to store together: the first (waited for)
-    and those after it that are ready, up to ``_BATCH``, ending before a SOP Instance
-    UID the batch has already (the later one is stored after it, and wins)."""
+    and those after it that are ready, up to ``_BATCH``."""
     batch: list[tuple[ImportItem, PreparedInstance | ImportOutcome]] = []
-    uids: set[str] = set()
     for item, future in itertools.islice(ahead, _BATCH):
         if batch and not future.done():
             break
-        done = future.result()
-        if isinstance(done, PreparedInstance):
-            if done.sop_instance_uid in uids:
-                break
-            uids.add(done.sop_instance_uid)
-        batch.append((item, done))
+        batch.append((item, future.result()))
     return batch
 
 
