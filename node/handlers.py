@@ -204,7 +204,10 @@ def handle_store(event: Event, ctx: NodeContext) -> int:
             # STORE_RECV_CHUNKED_DATASET (node/server.py): pynetdicom wrote the dataset
             # to a file as it arrived; the archive takes that file over.
             try:
-                ctx.archive.store_received_file(received, ctx.source(event))
+                ctx.archive.store_received_file(
+                    received, ctx.source(event),
+                    name_synced=getattr(event.request._dataset_file, "name_synced", None),
+                )
             finally:
                 # The archive took the file over (renamed into place, or removed): nothing
                 # is left for pynetdicom to unlink after this handler.

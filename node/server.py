@@ -58,6 +58,7 @@ class DicomNode:
         # C-STORE datasets are received straight into the archive's temp folder
         # (node/store_receipt.py); an archive without one gets pynetdicom's temp files
         self.ae.dicomnode_receive_folder = archive.receive_folder()
+        self.ae.dicomnode_name_sync = archive.start_name_sync
         self.ae.dicomnode_foreground = archive.foreground
         self.server: ThreadedAssociationServer | None = None
         archive.workitems.ae_title = settings.ae.title  # where a workitem's images are retrieved

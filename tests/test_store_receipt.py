@@ -55,17 +55,17 @@ def test_received_dataset_is_written_to_the_archive_temp_folder_and_taken_over(n
     path = tmp_path / "one.dcm"
     ds.save_as(path, enforce_file_format=True)
     seen = []
-    original = node.archive.store_temp
+    original = node.archive.store_received_file
 
     def spy(temp, *args, **kwargs):
         seen.append(temp)
         return original(temp, *args, **kwargs)
 
-    node.archive.store_temp = spy
+    node.archive.store_received_file = spy
     try:
         dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path), check=True)
     finally:
-        del node.archive.store_temp
+        del node.archive.store_received_file
     assert [p.parent for p in seen] == [node.archive.receive_folder()]
     assert seen[0].name.endswith(".dcm.part")  # written there by node/store_receipt.py, not moved
     [stored] = node.archive.instances(sop_instance_uids=(ds.SOPInstanceUID,))
@@ -175,3 +175,90 @@ def test_an_association_aborted_inside_a_dataset_leaves_no_partial_file(node):
         time.sleep(0.02)
     assert [p for p in folder.iterdir() if p.is_file()] == []
     assert node.archive.counts()["instances"] == 0
+
+
+def test_a_received_file_name_starts_being_synced_once_the_file_exists_and_only_then(node, tmp_path, monkeypatch):
+    # The receive folder's sync (the name's durability) runs while the dataset arrives,
+    # and the archive waits for that sync rather than starting its own.
+    from storage.blobs import FileBlobStore
+
+    paths = corpus.save(corpus.ct_series(3), tmp_path / "in")
+    folder = node.archive.receive_folder()
+    started, folder_syncs, handed = [], [], []
+    start_name_sync, store_received_file = node.archive.start_name_sync, node.archive.store_received_file
+    sync_temp_folder = FileBlobStore.sync_temp_folder
+
+    def spy_start():
+        started.append(sorted(p.name for p in folder.iterdir() if p.name.endswith(".dcm.part")))
+        future = start_name_sync()
+        started[-1] = (started[-1], future)
+        return future
+
+    def spy_store(path, *args, **kwargs):
+        handed.append(kwargs.get("name_synced"))
+        return store_received_file(path, *args, **kwargs)
+
+    def spy_sync(self):
+        folder_syncs.append(self)
+        return sync_temp_folder(self)
+
+    monkeypatch.setattr(node.running.node.ae, "dicomnode_name_sync", spy_start)
+    monkeypatch.setattr(node.archive, "store_received_file", spy_store)
+    monkeypatch.setattr(FileBlobStore, "sync_temp_folder", spy_sync)
+    dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, paths), check=True)
+    assert [len(names) for names, _ in started] == [1, 1, 1]  # each file already there
+    assert handed == [future for _, future in started]  # the archive got the sync it waits for
+    assert all(future.done() and future.exception() is None for future in handed)
+    assert len(folder_syncs) == 3  # one per instance, not a second one after the receipt
+    assert node.archive.counts()["instances"] == 3
+
+
+def test_a_failed_name_sync_begun_with_the_receipt_refuses_the_instance_and_keeps_nothing(node, tmp_path, monkeypatch):
+    from storage.blobs import FileBlobStore
+    from storage.errors import StorageFailure
+
+    def fail(self):
+        raise StorageFailure("disk gone")
+
+    [path] = corpus.save(corpus.ct_series(1), tmp_path / "in")
+    monkeypatch.setattr(FileBlobStore, "sync_temp_folder", fail)
+    proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
+    assert "I: Received Store Response (Refused: OutOfResources)" in proc.stdout + proc.stderr  # 0xA700
+    assert node.archive.counts()["instances"] == 0
+    assert [p for p in node.archive.receive_folder().iterdir() if p.is_file()] == []
+
+
+def test_a_large_dataset_is_handed_to_the_disk_as_it_arrives(node, tmp_path, monkeypatch):
+    import os
+
+    from node import store_receipt
+
+    [path] = corpus.save(corpus.ct_series(1, size=1024), tmp_path / "in")  # ~2 MiB
+    written_back = []
+    real = store_receipt.start_writeback
+
+    def spy(fd):
+        written_back.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real(fd)
+
+    monkeypatch.setattr(store_receipt, "start_writeback", spy)
+    dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path), check=True)
+    [stored] = node.archive.instances()
+    size = node.archive.instance_path(stored).stat().st_size
+    assert len(written_back) >= size // (2 * store_receipt.WRITEBACK_BYTES)  # a step may end inside a PDU
+    assert all(name.endswith(".dcm.part") for name, _ in written_back)  # the file being received
+    sizes = [written for _, written in written_back]
+    assert sizes == sorted(set(sizes)) and sizes[0] < size // 2  # from early on, as the dataset grew
+
+
+def test_starting_writeback_on_a_descriptor_that_has_none_is_harmless():
+    import os
+
+    from storage.blobs import start_writeback
+
+    read_end, write_end = os.pipe()
+    try:
+        start_writeback(write_end)  # advisory: the fdatasync that follows reports real failures
+    finally:
+        os.close(read_end)
+        os.close(write_end)
