@@ -3,7 +3,7 @@
 Every way in (C-STORE, STOW-RS, vendor uploads, the inbox, ``dicomnode import``) calls
 :meth:`Archive.store_bytes`, :meth:`Archive.store_stream`, :meth:`Archive.store_file` or
 :meth:`Archive.store_temp`, which all end in :meth:`Archive._ingest`: parse once, validate,
-write the file atomically (temp file, fsync, rename), index it, fire ``instance stored``.
+write the file atomically (temp file, fsync, linked to its key), index it, fire ``instance stored``.
 When one of them returns, the instance is on disk and in the index. STOW-RS runs the
 same path in two halves (:meth:`Archive.prepare_temp` as each part arrives,
 :meth:`Archive.store_prepared` once the whole body is in).
@@ -138,7 +138,7 @@ class Archive:
         self._temp_syncs: ThreadPoolExecutor | None = None
         if isinstance(self.blobs, FileBlobStore):
             self.flusher = FolderFlusher(functools.partial(self.blobs.sync_folders, changed_only=True),
-                                         self.index.journal_finished)
+                                         self.index.journal_finished, self.blobs.discard_temp)
             self._temp_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="temp-sync")
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,7 +149,7 @@ class Archive:
         if self._temp_syncs is not None:
             self._temp_syncs.shutdown(wait=True)
         if self.flusher is not None:
-            self.flusher.close()  # the last renames made durable, their journal rows let go
+            self.flusher.close()  # the last keys made durable, their temp names and journal rows let go
         self.metadata_cache.close()
         self.index.close()
         close_blobs = getattr(self.blobs, "close", None)
@@ -244,6 +244,7 @@ class Archive:
         except Exception:
             return False  # never acknowledged: clear_temp removes it
         files.sync_folders(files.place(temp, key))
+        files.discard_temp(temp)
         return True
 
     def _size(self, key: str) -> int:
@@ -378,12 +379,12 @@ class Archive:
         return outcome
 
     def _owning(self, temp: Path, source: Source, store: Callable[[], StoreResult]) -> StoreResult:
-        """Run ``store``, which ends with ``temp`` renamed into the archive; on failure
-        the temp file goes. Counts the outcome."""
+        """Run ``store``, which ends with ``temp`` placed in the archive (its temp name
+        goes once the key is durable); on failure the temp file goes. Counts the outcome."""
         try:
             result = store()
         except BaseException as exc:
-            self.blobs.discard_temp(temp)  # (a stored instance's temp file was renamed away)
+            self.blobs.discard_temp(temp)
             self._count_failure(exc)
             raise
         self.metrics.inc("dicomnode_instances_stored_total", source=source.kind)
@@ -588,7 +589,7 @@ class Archive:
                 except Exception as exc:
                     fail(position, exc, journal_pk, record.blob_key)
                     continue
-                flusher.submit(folders, journal_pk)
+                flusher.submit(folders, journal_pk, parts[position].temp)
                 committed.append((position, record, outcome))
         results: list[Any] = [failed.get(position) for position in range(len(parts))]
         for position, record, outcome in committed:
@@ -676,14 +677,16 @@ class Archive:
 
         1. in parallel: the journal row naming ``key`` and ``temp`` committed to disk,
            the temp file's content synced, the temp folder synced (its name durable);
-        2. rename ``temp`` to ``key``; the index row committed, visible but not synced
-           (the durable journal row lets repair redo it);
-        3. acknowledged. The flusher syncs the folders of the rename later, in batches,
-           and then lets the journal row go (deleted with a later transaction).
+        2. ``key`` linked to ``temp`` (``FileBlobStore.place``); the index row committed,
+           visible but not synced (the durable journal row lets repair redo it);
+        3. acknowledged. The flusher syncs the folders of ``key`` later, in batches, and
+           then removes the temp name and lets the journal row go (deleted with a later
+           transaction).
 
         A crash after 1 leaves repair a row and a complete file, at ``key`` or at
-        ``temp``: it finishes the rename and re-indexes the file. A crash before 1 ends
-        leaves a row whose file is not at ``key``: dropped, with the temp file."""
+        ``temp`` (the temp name stays on disk until ``key`` is): it finishes the naming
+        and re-indexes the file. A crash before 1 ends leaves a row whose file is not
+        at ``key``: dropped, with the temp file."""
         blobs = self.blobs
         assert isinstance(blobs, FileBlobStore) and self.flusher is not None
         journal = self.index.journal_add_async(key, "store", temp=str(temp))
@@ -700,7 +703,7 @@ class Archive:
         except BaseException:
             self.repair_entry(journal_pk, key)
             raise
-        self.flusher.submit(folders, journal_pk)
+        self.flusher.submit(folders, journal_pk, temp)
         return outcome
 
     def repair_entry(self, journal_pk: int, key: str) -> None:

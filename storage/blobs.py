@@ -6,6 +6,7 @@ S3-compatible store can stand in for :class:`FileBlobStore` without touching cal
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import re
@@ -69,7 +70,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class FileBlobStore:
-    """Blobs as files under ``root``; writes are atomic (temp file, fsync, rename, fsync dir).
+    """Blobs as files under ``root``; writes are atomic (temp file, fsync, link to the
+    final name, fsync dirs, temp name removed).
 
     Several processes may open one archive (``dicomnode serve`` and ``dicomnode import``):
     each keeps its temp files in its own folder ``.tmp/<id>/`` and holds an exclusive
@@ -109,7 +111,7 @@ class FileBlobStore:
 
     def new_temp(self) -> tuple[BinaryIO, Path]:
         """An open binary file in the archive's temp folder, on the same file system as
-        the final location so that the later rename is atomic."""
+        the final location, so that the file can be given its key without a copy."""
         fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         return os.fdopen(fd, "w+b"), Path(name)
 
@@ -131,10 +133,12 @@ class FileBlobStore:
         except OSError as exc:
             raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
         self.sync_folders(self.place(temp_path, key))
+        self.discard_temp(temp_path)
         return size
 
-    # The steps of ``commit`` (sync_temp, place, sync_folders), for a caller that runs
-    # them beside other work (the archive's ingest commit). Same order, same guarantees.
+    # The steps of ``commit`` (sync_temp, place, sync_folders, discard_temp), for a
+    # caller that runs them beside other work (the archive's ingest commit). Same order,
+    # same guarantees.
     def sync_temp(self, temp_path: Path, fd: int | None = None) -> None:
         """Make the temp file's content durable (through ``fd`` when the caller has it
         open: on Linux any descriptor of the file will do)."""
@@ -153,17 +157,33 @@ class FileBlobStore:
             raise StorageFailure(f"could not write {temp_path.name}: {exc.strerror or exc}") from exc
 
     def place(self, temp_path: Path, key: str) -> list[Path]:
-        """Rename a synced temp file to ``key``; returns the folders whose entries must
-        be durable for the rename to be: its own and every folder above it up to the
-        store's root. A folder this rename did not make may have been made by another
-        store a moment ago, in this process or another, and not be synced yet: its entry
-        in its parent is needed as much. ``sync_folders(..., changed_only=True)`` skips
-        those that have not changed since they were synced."""
+        """Give a synced temp file the name ``key`` as well; returns the folders whose
+        entries must be durable for that name to be: its own and every folder above it
+        up to the store's root. A folder this call did not make may have been made by
+        another store a moment ago, in this process or another, and not be synced yet:
+        its entry in its parent is needed as much. ``sync_folders(..., changed_only=True)``
+        skips those that have not changed since they were synced.
+
+        The temp name stays until :meth:`discard_temp`, to be called once those folders
+        are synced: the file always has a name on disk. A rename would take the temp
+        name away at once, and where the file system keeps no metadata journal (ext2,
+        ext4 made without one) the temp folder's next sync, for the next instance, can
+        put that removal on disk before the new name's folder is synced: a crash in
+        between would leave the file in no folder at all. (A file system that cannot
+        link gets the rename.)"""
         final = self._path(key)
         try:
             if not final.parent.is_dir():
                 final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp_path, final)
+            try:
+                os.link(temp_path, final)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                os.replace(temp_path, final)  # no hard links here
+        except FileExistsError as exc:
+            # another process placed the same key a moment ago: its file stays untouched
+            raise StorageFailure(f"could not write {key}: another store wrote it at the same time") from exc
         except OSError as exc:
             raise StorageFailure(f"could not write {key}: {exc.strerror or exc}") from exc
         folders = [final.parent]
@@ -240,6 +260,8 @@ class FileBlobStore:
                 break
 
     def discard_temp(self, temp_path: Path) -> None:
+        """Remove a temp file, or the temp name of a file :meth:`place` named (once the
+        folders it returned are synced)."""
         try:
             Path(temp_path).unlink()
         except FileNotFoundError:

@@ -2,10 +2,11 @@
 
 An instance is acknowledged once its file's content and its temp name are on disk and
 its durable journal row names both the final key and that temp file (see
-``Archive._commit_overlapped``). The rename to the final key is made durable later, by
-this thread: it fsyncs each changed folder once per batch, however many instances were
-renamed into it, and only then lets the journal row go. A crash before that leaves the
-row, and repair finishes the rename from the temp file.
+``Archive._commit_overlapped``). The file's final name (a second link to it, see
+``FileBlobStore.place``) is made durable later, by this thread: it fsyncs each changed
+folder once per batch, however many instances were named into it, and only then removes
+the temp names and lets the journal rows go. A crash before that leaves the row and the
+temp name, and repair finishes the naming from the temp file.
 """
 from __future__ import annotations
 
@@ -18,21 +19,25 @@ log = logging.getLogger("dicomnode.archive")
 
 
 class FolderFlusher:
-    """One thread that syncs folders, then reports the journal rows they completed."""
+    """One thread that syncs folders, then removes the temp names and reports the
+    journal rows they completed."""
 
-    def __init__(self, sync_folders: Callable[[list[Path]], None], finished: Callable[[int], None]) -> None:
+    def __init__(self, sync_folders: Callable[[list[Path]], None], finished: Callable[[int], None],
+                 discard_temp: Callable[[Path], None]) -> None:
         self._sync_folders = sync_folders
         self._finished = finished
-        self._pending: list[tuple[list[Path], int]] = []
+        self._discard_temp = discard_temp
+        self._pending: list[tuple[list[Path], int, Path]] = []
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="folder-flusher", daemon=True)
         self._thread.start()
 
-    def submit(self, folders: list[Path], journal_pk: int) -> None:
+    def submit(self, folders: list[Path], journal_pk: int, temp: Path) -> None:
+        """``temp``: the file's temp name, removed once ``folders`` are synced."""
         with self._cond:
-            self._pending.append((folders, journal_pk))
+            self._pending.append((folders, journal_pk, temp))
             self._cond.notify_all()
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -56,13 +61,14 @@ class FolderFlusher:
                 batch, self._pending = self._pending, []
                 self._busy = True
             try:
-                folders = [folder for entry_folders, _ in batch for folder in entry_folders]
+                folders = [folder for entry_folders, _, _ in batch for folder in entry_folders]
                 self._sync_folders(folders)
             except Exception:
-                # the journal rows stay: repair re-checks those renames on the next start
+                # the journal rows and temp names stay: repair re-checks those files on the next start
                 log.exception("could not sync %d archive folder(s)", len(set(folders)))
             else:
-                for _, pk in batch:
+                for _, pk, temp in batch:
+                    self._discard_temp(temp)
                     self._finished(pk)
             finally:
                 with self._cond:

@@ -313,7 +313,9 @@ def import_paths(archive, paths: list[Path], **kwargs) -> Iterator:
 
 
 def temp_files(archive) -> list[Path]:
-    """The files in this archive's own temp folder (it is removed when the archive closes)."""
+    """The files in this archive's own temp folder (it is removed when the archive closes),
+    once the stores made are settled (a stored file's temp name goes when its folder is synced)."""
+    assert archive.flusher.drain(timeout=30)
     return [p for p in archive.blobs.tmp.rglob("*") if p.is_file()]
 
 

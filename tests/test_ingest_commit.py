@@ -56,7 +56,7 @@ def test_finished_journal_rows_are_deleted_by_the_next_transaction_or_at_close(t
 def _store_and_crash_before_the_folder_sync(archive: Archive, ds) -> tuple[str, Path]:
     """Store ``ds`` as if the process died right after the acknowledgement: the rename's
     folder never synced, so its journal row (naming the temp file) is left."""
-    archive.flusher.submit = lambda folders, pk: None  # type: ignore[method-assign]
+    archive.flusher.submit = lambda folders, pk, temp: None  # type: ignore[method-assign]
     result = archive.store_bytes(_bytes(ds), Source("test"))
     [(_, key, action, temp)] = _journal(archive)
     assert action == "store" and temp
@@ -73,6 +73,30 @@ def test_repair_reindexes_a_stored_blob_whose_journal_row_was_left(tmp_path):
         assert reopened.instances(sop_instance_uids=(uid,))
     finally:
         reopened.close()
+
+
+def test_a_stored_file_keeps_its_temp_name_until_the_folder_of_its_key_is_synced(tmp_path):
+    # On a file system without a metadata journal a rename could reach the disk half
+    # done (the temp name gone, the key's folder not yet written): the file keeps a
+    # second name until the folder holding its key is synced.
+    archive = Archive(tmp_path / "a")
+    try:
+        submitted = []
+        flusher_submit = archive.flusher.submit
+        archive.flusher.submit = lambda folders, pk, temp: submitted.append((folders, pk, temp))
+        result = archive.store_bytes(_bytes(corpus.ct_series(1)[0]), Source("test"))
+        [stored] = archive.instances(sop_instance_uids=(result.sop_instance_uid,))
+        key_path = archive.instance_path(stored)
+        [(folders, pk, temp)] = submitted
+        assert temp.parent == archive.blobs.tmp and temp.samefile(key_path)
+        assert key_path.parent in folders
+
+        flusher_submit(folders, pk, temp)
+        assert archive.flusher.drain(timeout=30)
+        assert not temp.exists()
+        assert key_path.stat().st_nlink == 1
+    finally:
+        archive.close()
 
 
 def test_repair_finishes_a_rename_that_did_not_survive(tmp_path):
@@ -289,10 +313,11 @@ def test_a_durable_index_write_returns_only_after_the_wal_is_synced_and_a_visibl
         archive.close()
 
 
-def test_a_c_store_opens_its_received_file_once_and_removes_nothing_after_the_rename(node, monkeypatch):
+def test_a_c_store_opens_its_received_file_once_and_removes_its_temp_name_once(node, monkeypatch):
     """Per C-STORE the received file is opened once more after it is written (its size,
-    its header and its content sync through one descriptor), and once it is renamed to
-    its key nobody tries to remove it (neither the archive nor pynetdicom)."""
+    its header and its content sync through one descriptor), and its temp name is
+    removed once, by the archive once the key's folder is synced (pynetdicom removes
+    nothing)."""
     import builtins
     import os
 
@@ -324,11 +349,12 @@ def test_a_c_store_opens_its_received_file_once_and_removes_nothing_after_the_re
     monkeypatch.setattr(builtins, "open", spy_builtin_open)
     monkeypatch.setattr(os, "unlink", spy_unlink)
     dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, files), check=True)
+    assert node.archive.flusher.drain(timeout=30)
     monkeypatch.undo()
     assert node.archive.counts()["instances"] == 3
     assert len(opened) == 3 and len(set(opened)) == 3
     assert buffered == []
-    assert unlinked == []
+    assert sorted(map(str, unlinked)) == sorted(map(str, opened))
     assert [p for p in (node.data_dir / "blobs" / ".tmp").rglob("*") if p.is_file()] == []
 
 

@@ -107,6 +107,7 @@ def test_a_prepared_instance_is_neither_indexed_nor_in_place_until_it_is_stored(
     [stored] = _indexed(archive, ds)
     assert archive.instance_path(stored).read_bytes() == encoded(ds)
     assert archive.blobs.exists(_key(ds))
+    assert archive.flusher.drain(timeout=30)  # the temp name goes once the key's folder is synced
     assert not prepared.temp.exists()
 
 
@@ -146,8 +147,8 @@ def test_store_prepared_all_refuses_only_the_part_of_another_organizations_study
     [stored] = _indexed(archive, theirs)
     assert stored.organization == "other"
     assert archive.instance_path(stored).read_bytes() == encoded(theirs)
-    assert _temp_files(archive.blobs.tmp) == []
     assert archive.flusher.drain(timeout=30)
+    assert _temp_files(archive.blobs.tmp) == []
     assert _journal_left_after_the_next_transaction(archive) == []
 
 
@@ -156,6 +157,7 @@ def test_store_prepared_all_of_more_than_one_batch_answers_every_part_in_order(a
     outcomes = archive.store_prepared_all([_prepare(archive, ds) for ds in series])
     assert [o.sop_instance_uid for o in outcomes] == [ds.SOPInstanceUID for ds in series]
     assert archive.counts()["instances"] == 70
+    assert archive.flusher.drain(timeout=30)
     assert _temp_files(archive.blobs.tmp) == []
 
 
