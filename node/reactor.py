@@ -17,6 +17,11 @@ decoding, ACSE) and changes only how the threads wait:
   (``EventDrivenAssociation._run_reactor``) no longer sleeps 1 ms on every pass;
 - a C-STORE received straight into the archive (``EventDrivenDIMSE``) is served on the
   DUL thread that received it, while the association thread serves nothing.
+- while such a C-STORE's dataset arrives, a P-DATA-TF PDU is read into a buffer the
+  association keeps and its fragments go to the file from there
+  (``EventDrivenDUL._read_data_pdu``). pynetdicom copies every byte four times on the
+  way (into the PDU's bytearray, to ``bytes``, into each item's value, into the
+  primitive's), in fresh 128 KiB allocations the kernel has to zero.
 
 Both waits are bounded (``POLL_S``), so timers, kill flags and release/abort checks run
 as before. It is wired in through pynetdicom's public ``request_handler`` argument of
@@ -29,6 +34,7 @@ import logging
 import os
 import queue
 import select
+import socket
 import ssl
 import threading
 from typing import Any
@@ -46,6 +52,7 @@ from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, C_FIND_RSP, C_STORE
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom._handlers import standard_pdu_recv_handler
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
@@ -128,6 +135,73 @@ class EventDrivenDUL(DULServiceProvider):
         except (BlockingIOError, OSError):
             pass
 
+    # -- P-DATA-TF PDUs of a dataset received straight into a file
+    _buffer: bytearray | None = None
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's read of the next PDU; :meth:`_read_data_pdu` instead while a
+        C-STORE dataset is being received into a file and the PDU is a P-DATA-TF."""
+        if not self._read_data_pdu():
+            super()._read_pdu_data()
+
+    def _read_data_pdu(self) -> bool:
+        """Read a P-DATA-TF PDU into this association's buffer and hand the state
+        machine a P-DATA primitive whose values are views into it, for
+        ``EventDrivenDIMSE`` to write to the file being received (as it does with any
+        P-DATA, on this thread, before the next PDU is read). False, having read
+        nothing: not such a PDU, or something besides the file would keep the data
+        (a TLS socket, another state, listeners for received PDUs)."""
+        receipt = getattr(self.assoc.dimse, "_receipt", None)
+        sock = getattr(self.socket, "socket", None)
+        if (
+            receipt is None or sock is None or isinstance(sock, ssl.SSLSocket)
+            or self.state_machine.current_state != "Sta6" or self._pdu_listeners()
+        ):
+            return False
+        try:
+            header = sock.recv(6, socket.MSG_PEEK)
+        except (OSError, TimeoutError):
+            return False  # pynetdicom reads it and reports what is wrong
+        if len(header) < 6 or header[0] != 0x04:
+            return False
+        length = int.from_bytes(header[2:6], "big")
+        buffer = self._buffer
+        if buffer is None or len(buffer) < 6 + length:
+            buffer = bytearray(6 + length)
+            if length <= _KEEP_BUFFER:
+                self._buffer = buffer
+        view = memoryview(buffer)[:6 + length]
+        received = 0
+        try:
+            while received < len(view):
+                count = sock.recv_into(view[received:])
+                if not count:
+                    break
+                received += count
+        except (OSError, TimeoutError):
+            received = -1
+        if received != len(view):
+            # as pynetdicom: the connection closed (or failed) inside the PDU
+            logging.getLogger("pynetdicom.dul").error("Connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return True
+        pdvs = _pdv_views(view[6:])
+        if pdvs is None:
+            logging.getLogger("pynetdicom.dul").error("Unable to decode the received PDU data")
+            self.event_queue.put("Evt19")
+            return True
+        self._recv_pdu.put(_ReceivedData(pdvs))
+        self.event_queue.put("Evt10")
+        return True
+
+    def _pdu_listeners(self) -> bool:
+        """Whether anything but pynetdicom's standard handler (which does nothing with a
+        P-DATA-TF) listens to received PDUs or their bytes."""
+        assoc = self.assoc
+        return bool(assoc.get_handlers(evt.EVT_DATA_RECV)) or any(
+            h is not standard_pdu_recv_handler for h, _ in assoc.get_handlers(evt.EVT_PDU_RECV)
+        )
+
     def run_reactor(self) -> None:
         """pynetdicom's loop (dul.py ``run_reactor``), with ``_wait`` for its sleep."""
         self._idle_timer.start()
@@ -182,6 +256,41 @@ class EventDrivenDUL(DULServiceProvider):
         self.assoc.is_established = False
         self.assoc._kill = True
         self._kill_thread = True
+
+
+_KEEP_BUFFER = 4 * 1024 * 1024  # a PDU this long or shorter is read into the kept buffer
+
+
+def _pdv_views(items: memoryview) -> list[tuple[int, memoryview]] | None:
+    """The (context ID, value) of each presentation data value item of a P-DATA-TF
+    PDU's body, as views (PS3.8 9.3.5.1); None if the items do not add up."""
+    pdvs = []
+    offset, end = 0, len(items)
+    while offset < end:
+        if end - offset < 6:
+            return None
+        length = int.from_bytes(items[offset:offset + 4], "big")
+        if length < 2 or offset + 4 + length > end:
+            return None
+        pdvs.append((items[offset + 4], items[offset + 5:offset + 4 + length]))
+        offset += 4 + length
+    return pdvs
+
+
+class _ReceivedData:
+    """What the state machine takes from ``_recv_pdu`` for a P-DATA-TF (action DT-2):
+    an object whose ``to_primitive`` gives the P-DATA indication."""
+
+    __slots__ = ("pdvs",)
+
+    def __init__(self, pdvs: list[tuple[int, memoryview]]) -> None:
+        self.pdvs = pdvs
+
+    def to_primitive(self) -> P_DATA:
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = []  # (its setter wants lists: filled as pynetdicom does)
+        primitive.presentation_data_value_list.extend(self.pdvs)
+        return primitive
 
 
 _FIND_RSP_FIELDS = tuple(_COMMAND_SET_KEYWORDS["C-FIND-RSP"])

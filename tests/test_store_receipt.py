@@ -265,3 +265,66 @@ def test_starting_writeback_on_a_descriptor_that_has_none_is_harmless():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def _wait_for_part_file(node) -> None:
+    import time
+
+    folder = node.archive.receive_folder()
+    deadline = time.monotonic() + 10
+    while not [p for p in folder.iterdir() if p.name.endswith(".dcm.part")] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [p for p in folder.iterdir() if p.name.endswith(".dcm.part")], "the dataset was being received"
+
+
+def _assert_aborted_and_nothing_kept(node, assoc) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert assoc.is_aborted
+    folder = node.archive.receive_folder()
+    while [p for p in folder.iterdir() if p.is_file()] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [p for p in folder.iterdir() if p.is_file()] == []
+    assert node.archive.counts()["instances"] == 0
+
+
+@pytest.mark.parametrize("items", [
+    (3).to_bytes(4, "big") + b"\x01\x00\x00\x00\x00",  # an item shorter than its length field says
+    (9999).to_bytes(4, "big") + b"\x01\x00" + b"\x00" * 16,  # an item running past the PDU's end
+    (1).to_bytes(4, "big") + b"\x01",  # an item with a context ID and no message header
+], ids=["item-cut-short", "item-past-the-end", "item-without-header"])
+def test_a_data_pdu_whose_items_do_not_add_up_inside_a_dataset_aborts_and_keeps_nothing(node, items):
+    assoc, context_id = _raw_association(node)
+    try:
+        _send_pdvs(assoc, context_id, (_store_rq_command(), 0x03), (b"\x08\x00\x16\x00" * 100, 0x00))
+        _wait_for_part_file(node)
+        assoc.dul.socket.send(b"\x04\x00" + len(items).to_bytes(4, "big") + items)
+        _assert_aborted_and_nothing_kept(node, assoc)
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+
+def test_a_connection_closed_inside_a_data_pdu_keeps_nothing(node):
+    import socket
+    import struct
+    import time
+
+    assoc, context_id = _raw_association(node)
+    _send_pdvs(assoc, context_id, (_store_rq_command(), 0x03), (b"\x08\x00\x16\x00" * 100, 0x00))
+    _wait_for_part_file(node)
+    raw = assoc.dul.socket.socket
+    pdv = b"\x00" + b"\x08\x00\x16\x00" * 250  # a dataset fragment, not the last
+    item = struct.pack(">L", len(pdv) + 1) + bytes((context_id,)) + pdv
+    raw.send(b"\x04\x00" + struct.pack(">L", len(item)) + item[:100])  # a tenth of it
+    raw.shutdown(socket.SHUT_RDWR)
+    folder = node.archive.receive_folder()
+    deadline = time.monotonic() + 10
+    while [p for p in folder.iterdir() if p.is_file()] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [p for p in folder.iterdir() if p.is_file()] == []
+    assert node.archive.counts()["instances"] == 0
+    assoc.abort()
