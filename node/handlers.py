@@ -209,7 +209,7 @@ def handle_store(event: Event, ctx: NodeContext) -> int:
                     name_synced=getattr(event.request._dataset_file, "name_synced", None),
                 )
             finally:
-                # The archive took the file over (renamed into place, or removed): nothing
+                # The archive took the file over (placed, or removed): nothing
                 # is left for pynetdicom to unlink after this handler.
                 dataset_file, event.request._dataset_file = event.request._dataset_file, None
                 if dataset_file is not None:

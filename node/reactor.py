@@ -19,9 +19,9 @@ decoding, ACSE) and changes only how the threads wait:
   DUL thread that received it, while the association thread serves nothing.
 - while such a C-STORE's dataset arrives, a P-DATA-TF PDU is read into a buffer the
   association keeps and its fragments go to the file from there
-  (``EventDrivenDUL._read_data_pdu``). pynetdicom copies every byte four times on the
-  way (into the PDU's bytearray, to ``bytes``, into each item's value, into the
-  primitive's), in fresh 128 KiB allocations the kernel has to zero.
+  (``EventDrivenDUL._read_data_pdu``). pynetdicom copies every byte four times or more
+  on the way (into the PDU's bytearray, to ``bytes``, then in slices for the items and
+  for each item's value), in fresh 128 KiB allocations the kernel has to zero.
 
 Both waits are bounded (``POLL_S``), so timers, kill flags and release/abort checks run
 as before. It is wired in through pynetdicom's public ``request_handler`` argument of
@@ -47,12 +47,11 @@ from pynetdicom._handlers import standard_dimse_sent_handler
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom._handlers import standard_dimse_recv_handler
+from pynetdicom._handlers import standard_dimse_recv_handler, standard_pdu_recv_handler
 from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, C_FIND_RSP, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom._handlers import standard_pdu_recv_handler
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler

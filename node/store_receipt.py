@@ -19,7 +19,7 @@ This module does the same work with less:
   file exists, and its content is handed to the disk every ``WRITEBACK_BYTES``
   (``start_writeback``). The syncs before the acknowledgement then wait for less:
   measured with storescu and 0.5 MB CT instances on one association, 393 -> 455
-  instances/s (medians of 8 interleaved runs);
+  instances/s (medians of 8 interleaved runs; about 5% while the machine was slow);
 - a write that fails (a full disk) does not abort the association: the rest of the
   dataset is read and dropped, and the request reaches the handler marked with the
   error, which answers 0xA700 (out of resources);
@@ -34,12 +34,11 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from pathlib import Path
-
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Callable
 
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
 
 from storage.blobs import start_writeback
@@ -93,7 +92,7 @@ class ReceivedFile:
         self.error: OSError | None = None
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._unsubmitted = 0  # bytes written since writeback was last started
-        self.name_synced = None
+        self.name_synced: Future[None] | None = None
         if name_sync is not None:
             try:
                 self.name_synced = name_sync()

@@ -281,8 +281,7 @@ class Archive:
         ``path`` in :meth:`receive_folder`."""
         path = Path(path)
         if path.parent == self.receive_folder():
-            # already in place
-            return self._owning(path, source, lambda: self._ingest(path, source, expected_study, name_synced))
+            return self.store_temp(path, source, expected_study, name_synced)  # already in place
         adopt = getattr(self.blobs, "adopt_temp", None)
         temp = adopt(path) if adopt is not None else None
         if temp is None:
@@ -331,9 +330,14 @@ class Archive:
     def discard_temp(self, temp: Path) -> None:
         self.blobs.discard_temp(temp)
 
-    def store_temp(self, temp: Path, source: Source, expected_study: str | None = None) -> StoreResult:
-        """The one ingest path. Takes ownership of ``temp`` (a file from :meth:`new_temp`)."""
-        return self._owning(temp, source, lambda: self._ingest(temp, source, expected_study))
+    def store_temp(
+        self, temp: Path, source: Source, expected_study: str | None = None,
+        name_synced: "Future[None] | None" = None,
+    ) -> StoreResult:
+        """The one ingest path. Takes ownership of ``temp`` (a file from :meth:`new_temp`).
+        ``name_synced``: the sync of ``temp``'s name, when one was started already
+        (:meth:`start_name_sync`)."""
+        return self._owning(temp, source, lambda: self._ingest(temp, source, expected_study, name_synced))
 
     def prepare_temp(self, temp: Path, source: Source, expected_study: str | None = None) -> PreparedInstance:
         """The first half of :meth:`store_temp`, for a caller that may store nothing until
