@@ -68,7 +68,10 @@ class FolderFlusher:
                 log.exception("could not sync %d archive folder(s)", len(set(folders)))
             else:
                 for _, pk, temp in batch:
-                    self._discard_temp(temp)
+                    try:
+                        self._discard_temp(temp)
+                    except OSError as exc:  # the file is safe under its key; the temp name goes with the process's temp folder
+                        log.warning("could not remove the temp name %s: %s", temp, exc)
                     self._finished(pk)
             finally:
                 with self._cond:

@@ -99,6 +99,28 @@ def test_a_stored_file_keeps_its_temp_name_until_the_folder_of_its_key_is_synced
         archive.close()
 
 
+def test_a_temp_name_that_cannot_be_removed_does_not_stop_the_flusher(tmp_path):
+    from storage.flusher import FolderFlusher
+
+    finished, tried = [], []
+
+    def discard(temp):
+        tried.append(temp)
+        if temp.name == "stuck.part":
+            raise PermissionError(13, "Permission denied")
+
+    flusher = FolderFlusher(lambda folders: None, finished.append, discard)
+    try:
+        flusher.submit([tmp_path], 1, tmp_path / "stuck.part")
+        assert flusher.drain(timeout=10)
+        flusher.submit([tmp_path], 2, tmp_path / "fine.part")
+        assert flusher.drain(timeout=10)
+    finally:
+        flusher.close()
+    assert [t.name for t in tried] == ["stuck.part", "fine.part"]
+    assert finished == [1, 2]  # the keys are durable: the journal rows go all the same
+
+
 def test_repair_finishes_a_rename_that_did_not_survive(tmp_path):
     archive = Archive(tmp_path / "a")
     ds = corpus.ct_series(1)[0]
