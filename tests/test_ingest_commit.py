@@ -471,3 +471,42 @@ def test_a_folder_changed_within_the_last_second_is_synced_every_time(tmp_path, 
     synced = _synced(monkeypatch)
     blobs.sync_folders(folders, changed_only=True)
     assert synced == [root / "1.2.3" / "1.2.3.4", root / "1.2.3", root]
+
+
+def test_placing_a_key_another_store_wrote_meanwhile_fails_and_leaves_that_file(tmp_path):
+    blobs = FileBlobStore(tmp_path / "blobs")
+    try:
+        fh, temp = blobs.new_temp()
+        with fh:
+            fh.write(b"mine")
+        theirs = blobs.local_path("1.2/3.4/5.6.dcm")
+        theirs.parent.mkdir(parents=True)
+        theirs.write_bytes(b"theirs")  # another process named the same new key a moment ago
+        with pytest.raises(StorageFailure, match="at the same time"):
+            blobs.place(temp, "1.2/3.4/5.6.dcm")
+        assert theirs.read_bytes() == b"theirs"
+        assert temp.read_bytes() == b"mine"  # still the caller's, to discard
+    finally:
+        blobs.close()
+
+
+def test_a_file_system_without_hard_links_gets_the_file_renamed(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    blobs = FileBlobStore(tmp_path / "blobs")
+    try:
+        fh, temp = blobs.new_temp()
+        with fh:
+            fh.write(b"data")
+
+        def no_links(*args, **kwargs):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+        blobs.place(temp, "1.2/3.4/5.6.dcm")
+        assert blobs.local_path("1.2/3.4/5.6.dcm").read_bytes() == b"data"
+        assert not temp.exists()
+        blobs.discard_temp(temp)  # what the flusher then does: nothing left to remove
+    finally:
+        blobs.close()
