@@ -28,8 +28,7 @@ import pydicom
 from . import corpus
 from .measure import (
     FindSession, NotAvailable, cmove, cstore, echo_ms, file_creation_us, http_get, http_get_streamed, median,
-    percentile,
-    peak_rss_during, qido, service_available, stow, stow_stream, _conn,
+    percentile, peak_rss_during, qido, service_available, stow, stow_stream, _conn,
 )
 from .servers import Server, orthanc_exe, start_dicomnode, start_orthanc, start_storescp
 

@@ -61,7 +61,8 @@ from .commands import read_command_fields, store_request, store_rsp_command
 from .store_receipt import StoreReceipt
 
 _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
-_ASSOC_LOG = logging.getLogger("pynetdicom.association")  # pynetdicom's own logger there
+_ASSOC_LOG = logging.getLogger("pynetdicom.association")  # pynetdicom's own loggers there
+_DUL_LOG = logging.getLogger("pynetdicom.dul")
 POLL_S = 0.005  # longest wait before timers and flags are looked at again
 
 
@@ -181,12 +182,12 @@ class EventDrivenDUL(DULServiceProvider):
             received = -1
         if received != len(view):
             # as pynetdicom: the connection closed (or failed) inside the PDU
-            logging.getLogger("pynetdicom.dul").error("Connection closed before the entire PDU was received")
+            _DUL_LOG.error("Connection closed before the entire PDU was received")
             self.event_queue.put("Evt17")
             return True
         pdvs = _pdv_views(view[6:])
         if pdvs is None:
-            logging.getLogger("pynetdicom.dul").error("Unable to decode the received PDU data")
+            _DUL_LOG.error("Unable to decode the received PDU data")
             self.event_queue.put("Evt19")
             return True
         self._recv_pdu.put(_ReceivedData(pdvs))
@@ -240,10 +241,7 @@ class EventDrivenDUL(DULServiceProvider):
     def _abort_on_error(self) -> None:
         """As pynetdicom does: send an A-ABORT bypassing the state machine, stop both
         reactors."""
-        import logging
-
-        log = logging.getLogger("pynetdicom.dul")
-        log.exception("Exception in DUL.run(), aborting association")
+        _DUL_LOG.exception("Exception in DUL.run(), aborting association")
         abort_pdu = A_ABORT_RQ()
         abort_pdu.source = 0x02
         abort_pdu.reason_diagnostic = 0x00

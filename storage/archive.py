@@ -197,7 +197,7 @@ class Archive:
             if temp and files is not None:
                 if files.temp_owner_alive(Path(temp)):
                     continue  # a store in flight in another live process: its own to finish
-                if self._finish_rename(files, Path(temp), key):
+                if self._finish_placement(files, Path(temp), key):
                     report["renamed"] += 1
             if action == "delete":
                 if self.index.instance_by_blob(key) is None:
@@ -219,23 +219,24 @@ class Archive:
                         self._delete_blob(key)
                         report["dropped"] += 1
             elif self.index.instance_by_blob(key) is not None:
-                # The row was committed but the file's rename did not survive.
+                # The row was committed but neither the file's key nor its temp name survived.
                 self.metadata_cache.remove(key)
                 self.index.journal_remove(self.index.forget_blob(key))
                 report["dropped"] += 1
             done.append(pk)
         self.index.journal_remove(done)
         if files is not None:
-            # after the journal: a dead process's temp file may be what finishes a rename
+            # after the journal: a dead process's temp file may be what gives a file its key
             report["temp_removed"] = files.clear_temp()
         if any(report.values()):
             log.info("archive repair: %s", report)
         return report
 
-    def _finish_rename(self, files: FileBlobStore, temp: Path, key: str) -> bool:
-        """Redo the rename of a store whose journal row names ``temp``, when a crash
-        lost it and ``temp`` holds a complete instance (its content was synced before the
-        row was committed, so a store that was acknowledged is always complete)."""
+    def _finish_placement(self, files: FileBlobStore, temp: Path, key: str) -> bool:
+        """Give a file its key again (``FileBlobStore.place``) for a store whose journal
+        row names ``temp``, when a crash lost the key and ``temp`` holds a complete
+        instance (its content was synced before the row was committed, so a store that
+        was acknowledged is always complete)."""
         if files.exists(key) or not temp.is_file():
             return False
         try:

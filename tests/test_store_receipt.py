@@ -14,6 +14,7 @@ from node.commands import read_command_fields, store_rsp_command
 from node.store_receipt import file_meta_bytes
 from tests import corpus
 from tests.conftest import dcmtk
+from tests.support import wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -161,21 +162,11 @@ def test_an_unusual_store_command_is_left_to_pynetdicom():
 
 
 def test_an_association_aborted_inside_a_dataset_leaves_no_partial_file(node):
-    import time
-
     assoc, context_id = _raw_association(node)
     _send_pdvs(assoc, context_id, (_store_rq_command(), 0x03), (b"\x08\x00\x16\x00" * 1000, 0x00))
-    folder = node.archive.receive_folder()
-    deadline = time.monotonic() + 10
-    while not [p for p in folder.iterdir() if p.name.endswith(".dcm.part")] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [p for p in folder.iterdir() if p.name.endswith(".dcm.part")], "the dataset was being received"
+    _wait_for_part_file(node)
     assoc.abort()
-    deadline = time.monotonic() + 10
-    while [p for p in folder.iterdir() if p.is_file()] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [p for p in folder.iterdir() if p.is_file()] == []
-    assert node.archive.counts()["instances"] == 0
+    _assert_nothing_kept(node)
 
 
 def test_a_received_file_name_starts_being_synced_once_the_file_exists_and_only_then(node, tmp_path, monkeypatch):
@@ -267,28 +258,24 @@ def test_starting_writeback_on_a_descriptor_that_has_none_is_harmless():
         os.close(write_end)
 
 
-def _wait_for_part_file(node) -> None:
-    import time
+def _part_files(node) -> list:
+    return [p for p in node.archive.receive_folder().iterdir() if p.name.endswith(".dcm.part")]
 
+
+def _wait_for_part_file(node) -> None:
+    wait_until(lambda: _part_files(node), timeout=10, interval=0.02, what="the dataset being received")
+
+
+def _assert_nothing_kept(node) -> None:
     folder = node.archive.receive_folder()
-    deadline = time.monotonic() + 10
-    while not [p for p in folder.iterdir() if p.name.endswith(".dcm.part")] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [p for p in folder.iterdir() if p.name.endswith(".dcm.part")], "the dataset was being received"
+    wait_until(lambda: not [p for p in folder.iterdir() if p.is_file()], timeout=10, interval=0.02,
+               what="the receive folder to be empty")
+    assert node.archive.counts()["instances"] == 0
 
 
 def _assert_aborted_and_nothing_kept(node, assoc) -> None:
-    import time
-
-    deadline = time.monotonic() + 10
-    while not assoc.is_aborted and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert assoc.is_aborted
-    folder = node.archive.receive_folder()
-    while [p for p in folder.iterdir() if p.is_file()] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [p for p in folder.iterdir() if p.is_file()] == []
-    assert node.archive.counts()["instances"] == 0
+    wait_until(lambda: assoc.is_aborted, timeout=10, interval=0.02, what="the association to be aborted")
+    _assert_nothing_kept(node)
 
 
 @pytest.mark.parametrize("items", [
@@ -311,7 +298,6 @@ def test_a_data_pdu_whose_items_do_not_add_up_inside_a_dataset_aborts_and_keeps_
 def test_a_connection_closed_inside_a_data_pdu_keeps_nothing(node):
     import socket
     import struct
-    import time
 
     assoc, context_id = _raw_association(node)
     _send_pdvs(assoc, context_id, (_store_rq_command(), 0x03), (b"\x08\x00\x16\x00" * 100, 0x00))
@@ -321,10 +307,5 @@ def test_a_connection_closed_inside_a_data_pdu_keeps_nothing(node):
     item = struct.pack(">L", len(pdv) + 1) + bytes((context_id,)) + pdv
     raw.send(b"\x04\x00" + struct.pack(">L", len(item)) + item[:100])  # a tenth of it
     raw.shutdown(socket.SHUT_RDWR)
-    folder = node.archive.receive_folder()
-    deadline = time.monotonic() + 10
-    while [p for p in folder.iterdir() if p.is_file()] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [p for p in folder.iterdir() if p.is_file()] == []
-    assert node.archive.counts()["instances"] == 0
+    _assert_nothing_kept(node)
     assoc.abort()
