@@ -194,6 +194,9 @@ class FileBlobStore:
     def sync_folders(self, folders: Iterable[Path], changed_only: bool = False) -> None:
         """fsync each folder once (a rename or a new entry in it becomes durable).
 
+        A folder that is gone is skipped: it went once it was empty (``delete`` removes a
+        study's emptied folders), so no file in it is left to make durable.
+
         ``changed_only``: skip a folder unchanged since this process last synced it. Its
         modification time tells, once it is a second old: file system timestamps are
         coarse (a few ms), so a younger one could hide a later change in the same tick."""
@@ -211,6 +214,8 @@ class FileBlobStore:
                         self._synced_mtimes[folder] = mtime
                     else:
                         self._synced_mtimes.pop(folder, None)
+            except FileNotFoundError:
+                self._synced_mtimes.pop(folder, None)
             except OSError as exc:
                 raise StorageFailure(f"could not sync {folder}: {exc.strerror or exc}") from exc
 

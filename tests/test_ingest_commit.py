@@ -99,6 +99,28 @@ def test_a_stored_file_keeps_its_temp_name_until_the_folder_of_its_key_is_synced
         archive.close()
 
 
+def test_a_study_deleted_before_the_flusher_synced_its_folder_leaves_no_temp_name(tmp_path):
+    # delete removes a study's emptied folders; the flusher's sync of them comes later
+    archive = Archive(tmp_path / "a")
+    try:
+        submitted = []
+        flusher_submit = archive.flusher.submit
+        archive.flusher.submit = lambda folders, pk, temp: submitted.append((folders, pk, temp))
+        ds = corpus.ct_series(1)[0]
+        archive.store_bytes(_bytes(ds), Source("test"))
+        assert archive.delete(ds.StudyInstanceUID) == 1
+        [(folders, pk, temp)] = submitted
+        assert not folders[0].exists()
+
+        flusher_submit(folders, pk, temp)
+        assert archive.flusher.drain(timeout=30)
+        assert not temp.exists()  # the deleted instance's content does not live on under it
+        archive.index.write(lambda conn: None)  # a finished journal row goes with the next transaction
+        assert pk not in [row[0] for row in _journal(archive)]
+    finally:
+        archive.close()
+
+
 def test_a_temp_name_that_cannot_be_removed_does_not_stop_the_flusher(tmp_path):
     from storage.flusher import FolderFlusher
 
