@@ -94,10 +94,10 @@ def _check_content_type(request: web.Request) -> None:
         raise web.HTTPBadRequest(text="the multipart/related Content-Type has no boundary parameter")
 
 
-# Reading the body: large reads from the socket buffer, boundaries found with
-# bytes.find, each part's bytes gathered up to FLUSH_BYTES and written to its temp file
-# in one executor call (a typical instance: new temp, write, close in a single call).
-READ_BYTES = 1 << 20
+# Reading the body: the chunks the server has read from the socket, boundaries found
+# with bytes.find, each part's bytes (views of those chunks) gathered up to FLUSH_BYTES
+# and written to its temp file in one executor call (a typical instance: new temp,
+# write, close in a single call).
 FLUSH_BYTES = 4 << 20
 MAX_PART_HEADERS = 16 << 10
 # Parts of one request prepared at once (each in the thread pool) while the body
@@ -131,28 +131,40 @@ class _StoreBudget:
 
 
 class _Body:
-    """The request body as a buffer refilled in large reads, counting against the limit."""
+    """The request body as the chunks the server hands over, read without joining them:
+    ``data[pos:]`` is what has arrived and is not yet consumed. A part's content is passed
+    on as views of these (immutable) chunks, so its bytes are not copied on the way to the
+    temp file; only the small structures between parts are ever joined across chunks."""
 
     def __init__(self, request: web.Request, limit: int) -> None:
         self.content = request.content
         self.limit = limit
         self.received = 0
-        self.buf = bytearray()
+        self.data = b""
+        self.pos = 0
         self.eof = False
 
-    async def fill(self) -> None:
-        """Read more into ``buf``; at the end of the body set ``eof``."""
-        chunk = await self.content.read(READ_BYTES)
+    async def next_chunk(self) -> bytes:
+        """The next chunk of the body, counted against the limit (b"" at its end)."""
+        chunk = await self.content.readany()
         if not chunk:
             self.eof = True
-            return
+            return b""
         self.received += len(chunk)
         if self.received > self.limit:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=self.limit, actual_size=self.received,
                 text=f"the request exceeds [http] max_request_mb = {self.limit >> 20}; nothing was stored",
             )
-        self.buf += chunk
+        return chunk
+
+    async def fill(self) -> None:
+        """Read more: what is left (a short rest) joined with the next chunk; at the end
+        of the body set ``eof``."""
+        chunk = await self.next_chunk()
+        if chunk:
+            self.data = self.data[self.pos:] + chunk if self.pos < len(self.data) else chunk
+            self.pos = 0
 
 
 class _PartSink:
@@ -162,13 +174,13 @@ class _PartSink:
         self.request = request
         self.archive = archive
         self.keep = keep
-        self.pending: list[bytes] = []
+        self.pending: list[bytes | memoryview] = []
         self.size = 0
         self.total = 0
         self.fh = None
         self.temp: Path | None = None
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         if not self.keep or not data:
             return
         self.pending.append(data)
@@ -295,18 +307,17 @@ async def _skip_preamble(body: _Body, first: bytes) -> None:
     """Drop everything up to and including the first delimiter (RFC 2046 5.1.1: at the
     very start, or at the start of a line)."""
     while True:
-        buf = body.buf
-        if buf.startswith(first):
-            del buf[:len(first)]
+        data, pos = body.data, body.pos
+        if data.startswith(first, pos):
+            body.pos = pos + len(first)
             return
-        at = buf.find(b"\r\n" + first)
+        at = data.find(b"\r\n" + first, pos)
         if at >= 0:
-            del buf[:at + 2 + len(first)]
+            body.pos = at + 2 + len(first)
             return
         if body.eof:
             raise ValueError("no boundary delimiter in the body")
-        if len(buf) > len(first) + 2:
-            del buf[:len(buf) - len(first) - 2]  # keep what could start a delimiter
+        body.pos = max(pos, len(data) - len(first) - 2)  # keep what could start a delimiter
         await body.fill()
 
 
@@ -314,16 +325,16 @@ async def _after_delimiter(body: _Body) -> bool:
     """After a delimiter: False for the closing one (``--``), True when a part follows
     (its line end consumed, transport padding allowed before it)."""
     while True:
-        buf = body.buf
-        if buf.startswith(b"--"):
+        data, pos = body.data, body.pos
+        if data.startswith(b"--", pos):
             return False
-        line_end = buf.find(b"\r\n")
+        line_end = data.find(b"\r\n", pos, pos + 1026)
         if line_end >= 0:
-            if buf[:line_end].strip(b" \t"):
+            if data[pos:line_end].strip(b" \t"):
                 raise ValueError("unexpected bytes after a boundary delimiter")
-            del buf[:line_end + 2]
+            body.pos = line_end + 2
             return True
-        if len(buf) > 1024:
+        if len(data) - pos > 1024:
             raise ValueError("unexpected bytes after a boundary delimiter")
         if body.eof:
             raise ValueError("the body ends without its closing boundary")
@@ -333,17 +344,17 @@ async def _after_delimiter(body: _Body) -> bool:
 async def _part_headers(body: _Body) -> str:
     """Read a part's header block; the media type of its Content-Type (default DICOM)."""
     while True:
-        buf = body.buf
-        if buf.startswith(b"\r\n"):
+        data, pos = body.data, body.pos
+        if data.startswith(b"\r\n", pos):
             block = b""
-            del buf[:2]
+            body.pos = pos + 2
             break
-        end = buf.find(b"\r\n\r\n")
+        end = data.find(b"\r\n\r\n", pos, pos + MAX_PART_HEADERS + 4)
         if end >= 0:
-            block = bytes(buf[:end])
-            del buf[:end + 4]
+            block = data[pos:end]
+            body.pos = end + 4
             break
-        if len(buf) > MAX_PART_HEADERS:
+        if len(data) - pos > MAX_PART_HEADERS:
             raise ValueError(f"part headers longer than {MAX_PART_HEADERS} bytes")
         if body.eof:
             raise ValueError("the body ends inside part headers")
@@ -360,22 +371,36 @@ async def _part_headers(body: _Body) -> str:
 
 async def _copy_until(body: _Body, delimiter: bytes, sink: _PartSink) -> None:
     """Copy a part's content to ``sink`` up to ``delimiter`` (CRLF--boundary), which is
-    consumed; what could be the start of a delimiter stays in the buffer until decided."""
+    consumed. The content goes on as views of the body's chunks; only what could be the
+    start of a delimiter at a chunk's end (shorter than the delimiter) is held back,
+    then looked at together with the start of the next chunk."""
     keep = len(delimiter) - 1
     while True:
-        buf = body.buf
-        at = buf.find(delimiter)
+        data, pos = body.data, body.pos
+        at = data.find(delimiter, pos)
         if at >= 0:
-            await sink.write(bytes(buf[:at]))
-            del buf[:at + len(delimiter)]
+            await sink.write(memoryview(data)[pos:at])
+            body.pos = at + len(delimiter)
             return
-        if len(buf) > keep:
-            cut = len(buf) - keep
-            await sink.write(bytes(buf[:cut]))
-            del buf[:cut]
-        if body.eof:
+        cut = max(pos, len(data) - keep)
+        if cut > pos:
+            await sink.write(memoryview(data)[pos:cut])
+        body.pos = cut
+        chunk = await body.next_chunk()
+        if not chunk:
             raise ValueError("the body ends inside a part, without its closing boundary")
-        await body.fill()
+        tail = data[cut:]
+        if tail:  # a delimiter may begin in the held-back rest and end in the new chunk
+            at = (tail + chunk[:keep]).find(delimiter)
+            if at >= 0:
+                await sink.write(tail[:at])
+                body.data, body.pos = chunk, at + len(delimiter) - len(tail)
+                return
+            if len(chunk) < keep:  # too short to decide: look again with the two joined
+                body.data, body.pos = tail + chunk, 0
+                continue
+            await sink.write(tail)
+        body.data, body.pos = chunk, 0
 
 
 def _discard_all(archive: Archive, temps: list[Path]) -> None:

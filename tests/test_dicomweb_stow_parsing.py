@@ -64,6 +64,31 @@ def test_delimiters_split_across_tiny_reads_are_found(node):
         assert node.archive.instance_path(stored).read_bytes() == encoded(ds)
 
 
+def _post_in_chunks(node, chunks: list[bytes], content_type: str) -> requests.Response:
+    """One body sent as these HTTP chunks (chunked transfer encoding): the server reads
+    them one by one, so each boundary between them is a boundary between its reads."""
+    return requests.post(f"{node.base_url}/dicomweb/studies", data=iter(chunks), timeout=60,
+                         headers={"Content-Type": content_type})
+
+
+@pytest.mark.parametrize("short_middle_chunk", [False, True], ids=["two-chunks", "three-byte-chunk-between"])
+def test_a_delimiter_split_between_reads_at_any_byte_is_found(node, short_middle_chunk):
+    datasets = corpus.ct_series(2, size=8)
+    contents = [encoded(ds) for ds in datasets]
+    body, content_type = multipart_body(contents, boundary="q" * 40)
+    delimiter = b"\r\n--" + b"q" * 40
+    first_end = body.index(delimiter, body.index(contents[0][-8:]))  # after the first part's content
+    for split in range(first_end - 2, first_end + len(delimiter) + 3):
+        chunks = ([body[:split], body[split:split + 3], body[split + 3:]] if short_middle_chunk
+                  else [body[:split], body[split:]])
+        response = _post_in_chunks(node, chunks, content_type)
+        assert response.status_code == 200, (split, response.text)
+        assert _stored_sops(response) == [ds.SOPInstanceUID for ds in datasets], split
+        for ds, content in zip(datasets, contents):
+            [stored] = node.archive.instances(ds.StudyInstanceUID, None, (ds.SOPInstanceUID,))
+            assert node.archive.instance_path(stored).read_bytes() == content, split
+
+
 def test_a_part_larger_than_one_write_is_stored_whole(node):
     big = corpus.ct_series(1, size=1600)[0]  # ~5 MB of pixels: more than one flush
     data = encoded(big)
