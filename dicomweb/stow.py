@@ -145,11 +145,16 @@ class _Body:
         self.eof = False
 
     async def next_chunk(self) -> bytes:
-        """The next chunk of the body, counted against the limit (b"" at its end)."""
-        chunk = await self.content.readany()
-        if not chunk:
-            self.eof = True
-            return b""
+        """The next chunk of the body, counted against the limit (b"" at its end).
+        (``readchunk`` hands over what the server read as it is; ``readany`` joins all
+        that is buffered, a copy.)"""
+        while True:
+            chunk, end_of_http_chunk = await self.content.readchunk()
+            if chunk:
+                break
+            if not end_of_http_chunk:
+                self.eof = True
+                return b""
         self.received += len(chunk)
         if self.received > self.limit:
             raise web.HTTPRequestEntityTooLarge(
