@@ -694,7 +694,8 @@ class Archive:
         at ``key``: dropped, with the temp file."""
         blobs = self.blobs
         assert isinstance(blobs, FileBlobStore) and self.flusher is not None
-        journal = self.index.journal_add_async(key, "store", temp=str(temp))
+        # one instance: its index jobs run on this thread when the writer is idle
+        journal = self.index.journal_add_async(key, "store", temp=str(temp), here=True)
         try:
             self._sync_temp(temp, synced, fd)
         except BaseException:
@@ -704,7 +705,7 @@ class Archive:
         journal_pk = journal.result()  # raises (nothing placed yet) if the journal failed
         try:
             folders = blobs.place(temp, key)
-            outcome = self.index.upsert_instance_async(record, durable=False).result()
+            outcome = self.index.upsert_instance_async(record, durable=False, here=True).result()
         except BaseException:
             self.repair_entry(journal_pk, key)
             raise

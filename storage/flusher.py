@@ -5,7 +5,10 @@ its durable journal row names both the final key and that temp file (see
 ``Archive._commit_overlapped``). The file's final name (a second link to it, see
 ``FileBlobStore.place``) is made durable later, by this thread: it fsyncs each changed
 folder once per batch, however many instances were named into it, and only then removes
-the temp names and lets the journal rows go. A crash before that leaves the row and the
+the temp names and lets the journal rows go. A batch gathers for ``gather_s`` after its
+first instance: a scanner's series, one instance after another, then costs one sync of
+its folder per batch rather than one per instance (each is a cache flush of the disk,
+competing with the syncs acknowledgements wait for). A crash before that leaves the row and the
 temp name, and repair finishes the naming from the temp file.
 """
 from __future__ import annotations
@@ -23,13 +26,15 @@ class FolderFlusher:
     journal rows they completed."""
 
     def __init__(self, sync_folders: Callable[[list[Path]], None], finished: Callable[[int], None],
-                 discard_temp: Callable[[Path], None]) -> None:
+                 discard_temp: Callable[[Path], None], gather_s: float = 0.02) -> None:
         self._sync_folders = sync_folders
+        self.gather_s = gather_s
         self._finished = finished
         self._discard_temp = discard_temp
         self._pending: list[tuple[list[Path], int, Path]] = []
         self._cond = threading.Condition()
         self._busy = False
+        self._hurry = 0  # callers waiting in drain: no gathering
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="folder-flusher", daemon=True)
         self._thread.start()
@@ -43,7 +48,12 @@ class FolderFlusher:
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is synced (tests, close)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+            self._hurry += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+            finally:
+                self._hurry -= 1
 
     def close(self) -> None:
         self.drain(timeout=30)
@@ -58,6 +68,7 @@ class FolderFlusher:
                 self._cond.wait_for(lambda: self._pending or self._closed)
                 if not self._pending:
                     return
+                self._cond.wait_for(lambda: self._closed or self._hurry, self.gather_s)
                 batch, self._pending = self._pending, []
                 self._busy = True
             try:

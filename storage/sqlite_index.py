@@ -1,9 +1,12 @@
 """The embedded index: SQLite (WAL) through sqlite-utils, one writer thread.
 
-All writes go through :class:`SQLiteIndex.write`, which hands a function to the single
-writer thread. The writer groups whatever jobs are waiting into one transaction (one
-fsync for many instances under load), isolating each job in a SAVEPOINT so that one
-failed job never takes the others down. Reads use one connection per thread.
+All writes go through :class:`SQLiteIndex.write` / ``submit``, which hand a function to
+the one writer connection. Its thread groups whatever jobs are waiting into one
+transaction (one fsync for many instances under load), isolating each job in a SAVEPOINT
+so that one failed job never takes the others down. A caller that would only wait for
+an idle writer runs its job itself, on the same connection under the same lock (the
+hand-off to the writer thread and back costs about as much CPU as the job). Reads use
+one connection per thread.
 
 The schema changes only through the migrations at the bottom of this module.
 """
@@ -195,7 +198,8 @@ class StoredInstance:
 
 
 class _Writer(threading.Thread):
-    """The one thread that writes to the index, committing jobs in groups."""
+    """The one connection that writes to the index, and the thread that commits the jobs
+    queued for it in groups."""
 
     MAX_BATCH = 512
 
@@ -211,6 +215,27 @@ class _Writer(threading.Thread):
         self.finished_journal: list[int] = []
         self._finished_lock = threading.Lock()
         self.syncer = _WalSyncer(Path(f"{path}-wal"))
+        self.conn: sqlite3.Connection | None = None  # while the writer serves
+        self._run_lock = threading.Lock()  # held while a batch runs on the connection
+        self._queued_lock = threading.Lock()
+        self._queued = 0  # jobs put on the queue and not yet run
+
+    def submit(self, job: tuple[Callable[[sqlite3.Connection], Any], Future, bool], here: bool) -> None:
+        """Queue ``job``; with ``here``, run it at once on the calling thread instead when
+        nothing is queued or running (so a thread's jobs still run in the order it gave
+        them, and jobs that arrive together are still grouped by the writer thread)."""
+        if here and self._run_lock.acquire(blocking=False):
+            try:
+                with self._queued_lock:
+                    idle = self._queued == 0
+                if idle and self.conn is not None:
+                    self._run_guarded(self.conn, [job])
+                    return
+            finally:
+                self._run_lock.release()
+        with self._queued_lock:
+            self._queued += 1
+        self.jobs.put(job)
 
     def take_finished_journal(self) -> list[int]:
         with self._finished_lock:
@@ -229,10 +254,13 @@ class _Writer(threading.Thread):
             self.startup_error = exc
             self.ready.set()
             return
+        self.conn = conn
         self.ready.set()
         try:
             self._serve(conn)
         finally:
+            with self._run_lock:
+                self.conn = None
             self.syncer.close()
             conn.close()
 
@@ -252,24 +280,32 @@ class _Writer(threading.Thread):
                     stop = True
                     break
                 batch.append(more)
-            # The jobs that need only be visible first, in a transaction of their own
-            # that is not synced: they do not wait for the disk behind durable ones.
-            visible = [job for job in batch if not job[2]]
-            durable = [job for job in batch if job[2]] if visible else batch
-            for part in (visible, durable):
-                if not part:
-                    continue
-                try:
-                    self._run_batch(conn, part)
-                except BaseException as exc:  # the writer must outlive any one batch
-                    log.exception("index writer: batch failed")
-                    _rollback_quietly(conn)
-                    for _, fut, _ in part:
-                        if not fut.done():
-                            fut.set_exception(StorageFailure(f"index write failed: {exc}"))
+            with self._run_lock:
+                self._run_guarded(conn, batch)
+                with self._queued_lock:
+                    self._queued -= len(batch)
             if stop:
                 break
-        self._run_batch(conn, [])  # the finished journal rows still waiting
+        with self._run_lock:
+            self._run_batch(conn, [])  # the finished journal rows still waiting
+
+    def _run_guarded(self, conn: sqlite3.Connection, batch: list) -> None:
+        """Run ``batch`` (the run lock held): the jobs that need only be visible first, in
+        a transaction of their own that is not synced, so that they do not wait for the
+        disk behind durable ones. A failure fails the jobs, never the writer."""
+        visible = [job for job in batch if not job[2]]
+        durable = [job for job in batch if job[2]] if visible else batch
+        for part in (visible, durable):
+            if not part:
+                continue
+            try:
+                self._run_batch(conn, part)
+            except BaseException as exc:  # the writer must outlive any one batch
+                log.exception("index writer: batch failed")
+                _rollback_quietly(conn)
+                for _, fut, _ in part:
+                    if not fut.done():
+                        fut.set_exception(StorageFailure(f"index write failed: {exc}"))
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list) -> None:
         results: list[tuple[Future, Any, BaseException | None]] = []
@@ -458,18 +494,22 @@ class SQLiteIndex:
 
     # -- plumbing
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` on the writer thread inside a transaction; return its result."""
-        return self.submit(fn).result()
+        """Run ``fn(conn)`` on the writer connection inside a transaction; return its result."""
+        return self.submit(fn, here=True).result()
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T], durable: bool = True) -> "Future[T]":
+    def submit(self, fn: Callable[[sqlite3.Connection], T], durable: bool = True,
+               here: bool = False) -> "Future[T]":
         """Queue ``fn(conn)`` for the writer thread; the future resolves once the
         transaction that ran it is committed (so the caller can do other work, such as
         an fsync, meanwhile): on disk, or with ``durable=False`` only visible to readers
-        (for a change that a durable journal row lets repair redo after a crash)."""
+        (for a change that a durable journal row lets repair redo after a crash).
+        ``here``: if the writer is idle, run ``fn`` now on this thread (for a caller that
+        has no other job to group this one with; a durable commit's sync still runs
+        beside it)."""
         if self._closed:
             raise StorageFailure("the index is closed")
         fut: Future = Future()
-        self._writer.jobs.put((fn, fut, durable))
+        self._writer.submit((fn, fut, durable), here)
         return fut
 
     def reader(self) -> sqlite3.Connection:
@@ -508,12 +548,14 @@ class SQLiteIndex:
             ).lastrowid
         )
 
-    def journal_add_async(self, blob_key: str, action: str, temp: str | None = None) -> "Future[int]":
+    def journal_add_async(self, blob_key: str, action: str, temp: str | None = None,
+                          here: bool = False) -> "Future[int]":
         return self.submit(
             lambda c: c.execute(
                 "INSERT INTO journal (blob_key, action, created_at, temp) VALUES (?, ?, ?, ?)",
                 (blob_key, action, time.time(), temp),
-            ).lastrowid
+            ).lastrowid,
+            here=here,
         )
 
     def journal_sync(self, pk: int) -> None:
@@ -538,9 +580,10 @@ class SQLiteIndex:
     def upsert_instance(self, record: InstanceRecord, journal_pk: int | None = None) -> UpsertOutcome:
         return self.write(lambda c: self._upsert(c, record, journal_pk))
 
-    def upsert_instance_async(self, record: InstanceRecord, durable: bool = True) -> "Future[UpsertOutcome]":
+    def upsert_instance_async(self, record: InstanceRecord, durable: bool = True,
+                              here: bool = False) -> "Future[UpsertOutcome]":
         """Queue the upsert; the journal row of the blob stays until ``journal_finished``."""
-        return self.submit(lambda c: self._upsert(c, record, None), durable)
+        return self.submit(lambda c: self._upsert(c, record, None), durable, here)
 
     def on_upsert(self, hook: Callable[[sqlite3.Connection, InstanceRecord], None]) -> None:
         """Run ``hook(conn, record)`` inside the transaction of every instance upsert of

@@ -2,6 +2,7 @@
 is still on disk and in the index, and repair settles what a crash leaves."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,25 @@ def test_a_temp_name_that_cannot_be_removed_does_not_stop_the_flusher(tmp_path):
     assert finished == [1, 2]  # the keys are durable: the journal rows go all the same
 
 
+def test_instances_given_to_the_flusher_within_its_gathering_time_share_one_folder_sync(tmp_path):
+    from storage.flusher import FolderFlusher
+
+    synced: list[list] = []
+    finished: list[int] = []
+    flusher = FolderFlusher(synced.append, finished.append, lambda temp: None, gather_s=60)
+    try:
+        flusher.submit([tmp_path / "series"], 1, tmp_path / "1.part")
+        time.sleep(0.2)  # the flusher has woken for the first
+        for pk in range(2, 6):
+            flusher.submit([tmp_path / "series"], pk, tmp_path / f"{pk}.part")
+        assert finished == []  # still gathering
+        assert flusher.drain(timeout=10)  # a drain does not wait out the gathering time
+    finally:
+        flusher.close()
+    assert synced == [[tmp_path / "series"] * 5]  # one batch (sync_folders syncs each folder once)
+    assert finished == [1, 2, 3, 4, 5]
+
+
 def test_repair_finishes_a_rename_that_did_not_survive(tmp_path):
     archive = Archive(tmp_path / "a")
     ds = corpus.ct_series(1)[0]
@@ -253,6 +273,7 @@ def test_storescu_dataset_arrives_through_the_chunked_file(node, monkeypatch):
     ds.save_as(path, enforce_file_format=True)
     dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path), check=True)
     assert node.archive.instances(sop_instance_uids=(ds.SOPInstanceUID,))
+    assert node.archive.flusher.drain(timeout=30)  # the temp name goes once the key's folder is synced
     assert [p for p in (node.data_dir / "blobs" / ".tmp").rglob("*") if p.is_file()] == []
 
 
