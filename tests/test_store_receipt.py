@@ -161,6 +161,25 @@ def test_an_unusual_store_command_is_left_to_pynetdicom():
     assert store_request({**fields, 0x0700: b"\x07\x00"}) is None  # no such priority
 
 
+@pytest.mark.parametrize("uid", [b"", b"1.02.3\x00", b"1.2.x\x00", b"1." + b"2" * 64, b"1.2.3.\x00"])
+def test_a_store_command_with_a_uid_pynetdicom_would_refuse_or_warn_about_is_left_to_it(uid):
+    from node.commands import store_request
+
+    fields = read_command_fields(_store_rq_command())
+    assert store_request({**fields, 0x1000: uid}) is None
+    assert store_request({**fields, 0x0002: uid}) is None
+
+
+def test_the_uids_of_a_built_store_request_are_pydicom_uids_as_pynetdicom_sets_them():
+    from pydicom.uid import UID
+
+    from node.commands import store_request
+
+    built = store_request(read_command_fields(_store_rq_command()))
+    assert type(built.AffectedSOPClassUID) is UID and type(built.AffectedSOPInstanceUID) is UID
+    assert built.AffectedSOPClassUID.name == "CT Image Storage"
+
+
 def test_an_association_aborted_inside_a_dataset_leaves_no_partial_file(node):
     assoc, context_id = _raw_association(node)
     _send_pdvs(assoc, context_id, (_store_rq_command(), 0x03), (b"\x08\x00\x16\x00" * 1000, 0x00))
