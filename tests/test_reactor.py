@@ -149,3 +149,35 @@ def test_associations_work_when_their_sockets_are_numbered_above_1023(node, tmp_
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_each_association_gets_contexts_of_its_own_equal_to_a_deep_copy():
+    import copy
+
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+
+    from node.reactor import fresh_contexts
+
+    ae = AE()
+    for cx in AllStoragePresentationContexts[:5]:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=False)
+    server_contexts = ae.supported_contexts
+    server_contexts[0].extra = {"a": [1]}  # anything else the contexts carry is copied deeply
+    fresh = fresh_contexts(server_contexts)
+    assert [vars(cx) for cx in fresh] == [vars(cx) for cx in copy.deepcopy(server_contexts)]
+    fresh[0].transfer_syntax.append("1.2.3")
+    fresh[0].extra["a"].append(2)
+    fresh[1].context_id = 7
+    assert "1.2.3" not in server_contexts[0].transfer_syntax
+    assert server_contexts[0].extra == {"a": [1]}
+    assert server_contexts[1].context_id is None
+
+
+def test_associations_one_after_another_each_negotiate_from_the_nodes_own_contexts(node):
+    for _ in range(3):
+        assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+        assert assoc.is_established
+        assert {str(cx.abstract_syntax) for cx in assoc.accepted_contexts} == {
+            Verification, CTImageStorage, StudyRootQueryRetrieveInformationModelFind}
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
