@@ -1,4 +1,4 @@
-"""The embedded index: SQLite (WAL) through sqlite-utils, one writer thread.
+"""The embedded index: SQLite (WAL) through sqlite-utils, one writer connection.
 
 All writes go through :class:`SQLiteIndex.write` / ``submit``, which hand a function to
 the one writer connection. Its thread groups whatever jobs are waiting into one
