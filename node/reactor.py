@@ -94,6 +94,8 @@ class EventDrivenDUL(DULServiceProvider):
         self._sleeping = False
         self.event_queue = _WakingQueue(self._wakeup)
         self.to_provider_queue = _WakingQueue(self._wakeup)
+        # a release or abort from the peer, for the association thread
+        self.to_user_queue = _WakingQueue(self._wake_association)
 
     def _wakeup(self) -> None:
         if not self._sleeping:
@@ -102,6 +104,14 @@ class EventDrivenDUL(DULServiceProvider):
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):
             pass  # the pipe is full (a wake-up is pending anyway) or already closed
+
+    def _wake_association(self) -> None:
+        """The association thread, if it waits for a DIMSE message, looks at once (a
+        peer's A-RELEASE-RQ waited up to ``POLL_S`` for its answer: 5 ms of every
+        association's life)."""
+        dimse = getattr(self.assoc, "dimse", None)
+        if isinstance(dimse, EventDrivenDIMSE) and dimse.waiting:
+            dimse.msg_queue.put((None, None))  # what an empty look returns
 
     def _wait(self) -> None:
         """Until the socket is readable, a queue was fed, or ``POLL_S`` passed."""
@@ -308,6 +318,7 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
 
     _find_commands: dict[tuple, bytes]
     _receipt: StoreReceipt | None = None
+    waiting = False  # the association thread waits in get_msg(block=False)
 
     # -- receiving: C-STORE-RQ datasets straight into the archive's temp folder
     def receive_primitive(self, primitive: Any) -> None:
@@ -487,10 +498,13 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
     def get_msg(self, block: bool = False) -> Any:
         if block:
             return super().get_msg(block=True)
+        self.waiting = True
         try:
             return self.msg_queue.get(block=True, timeout=POLL_S)
         except queue.Empty:
             return None, None
+        finally:
+            self.waiting = False
 
 
 def quiet_dimse_sent_handler(event: Any) -> list[str]:

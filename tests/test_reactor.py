@@ -181,3 +181,16 @@ def test_associations_one_after_another_each_negotiate_from_the_nodes_own_contex
             Verification, CTImageStorage, StudyRootQueryRetrieveInformationModelFind}
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
+
+
+def test_a_release_is_answered_without_waiting_for_the_association_threads_next_look(node, monkeypatch):
+    from node import reactor
+
+    monkeypatch.setattr(reactor, "POLL_S", 60.0)  # its looks would now come a minute apart
+    assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    released = threading.Event()
+    threading.Thread(target=lambda: (assoc.release(), released.set()), daemon=True).start()
+    assert released.wait(20) and assoc.is_released
+    assert _wait_until_no_associations(node)
