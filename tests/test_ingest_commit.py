@@ -3,6 +3,7 @@ is still on disk and in the index, and repair settles what a crash leaves."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -76,15 +77,22 @@ def test_repair_reindexes_a_stored_blob_whose_journal_row_was_left(tmp_path):
         reopened.close()
 
 
+def _hold_flusher_submissions(archive: Archive) -> tuple[list, Callable[[list, int, Path], None]]:
+    """What stores hand the flusher is kept in a list instead; the second value hands
+    an entry on to the real flusher."""
+    submitted: list = []
+    flusher_submit = archive.flusher.submit
+    archive.flusher.submit = lambda folders, pk, temp: submitted.append((folders, pk, temp))
+    return submitted, flusher_submit
+
+
 def test_a_stored_file_keeps_its_temp_name_until_the_folder_of_its_key_is_synced(tmp_path):
     # On a file system without a metadata journal a rename could reach the disk half
     # done (the temp name gone, the key's folder not yet written): the file keeps a
     # second name until the folder holding its key is synced.
     archive = Archive(tmp_path / "a")
     try:
-        submitted = []
-        flusher_submit = archive.flusher.submit
-        archive.flusher.submit = lambda folders, pk, temp: submitted.append((folders, pk, temp))
+        submitted, flusher_submit = _hold_flusher_submissions(archive)
         result = archive.store_bytes(_bytes(corpus.ct_series(1)[0]), Source("test"))
         [stored] = archive.instances(sop_instance_uids=(result.sop_instance_uid,))
         key_path = archive.instance_path(stored)
@@ -104,9 +112,7 @@ def test_a_study_deleted_before_the_flusher_synced_its_folder_leaves_no_temp_nam
     # delete removes a study's emptied folders; the flusher's sync of them comes later
     archive = Archive(tmp_path / "a")
     try:
-        submitted = []
-        flusher_submit = archive.flusher.submit
-        archive.flusher.submit = lambda folders, pk, temp: submitted.append((folders, pk, temp))
+        submitted, flusher_submit = _hold_flusher_submissions(archive)
         ds = corpus.ct_series(1)[0]
         archive.store_bytes(_bytes(ds), Source("test"))
         assert archive.delete(ds.StudyInstanceUID) == 1
