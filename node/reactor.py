@@ -14,7 +14,8 @@ decoding, ACSE) and changes only how the threads wait:
   two input queues (primitives to send, state-machine events) signal on ``put``;
 - the association thread's non-blocking look for a DIMSE message waits for one briefly
   on the message queue instead of returning empty at once, and its loop
-  (``EventDrivenAssociation._run_reactor``) no longer sleeps 1 ms on every pass;
+  (``EventDrivenAssociation._run_reactor``) no longer sleeps 1 ms on every pass; a
+  peer's release or abort (the DUL's ``to_user_queue``) ends that wait at once;
 - a C-STORE received straight into the archive (``EventDrivenDIMSE``) is served on the
   DUL thread that received it, while the association thread serves nothing.
 - while such a C-STORE's dataset arrives, a P-DATA-TF PDU is read into a buffer the
@@ -22,6 +23,8 @@ decoding, ACSE) and changes only how the threads wait:
   (``EventDrivenDUL._read_data_pdu``). pynetdicom copies every byte four times or more
   on the way (into the PDU's bytearray, to ``bytes``, then in slices for the items and
   for each item's value), in fresh 128 KiB allocations the kernel has to zero.
+- each association gets the node's presentation contexts as fresh objects sharing their
+  UIDs (``fresh_contexts``), not a ``deepcopy`` that re-validates ~7,700 UIDs.
 
 Both waits are bounded (``POLL_S``), so timers, kill flags and release/abort checks run
 as before. It is wired in through pynetdicom's public ``request_handler`` argument of

@@ -5,11 +5,13 @@ its durable journal row names both the final key and that temp file (see
 ``Archive._commit_overlapped``). The file's final name (a second link to it, see
 ``FileBlobStore.place``) is made durable later, by this thread: it fsyncs each changed
 folder once per batch, however many instances were named into it, and only then removes
-the temp names and lets the journal rows go. A batch gathers for ``gather_s`` after its
-first instance: a scanner's series, one instance after another, then costs one sync of
-its folder per batch rather than one per instance (each is a cache flush of the disk,
-competing with the syncs acknowledgements wait for). A crash before that leaves the row and the
+the temp names and lets the journal rows go. A crash before that leaves the row and the
 temp name, and repair finishes the naming from the temp file.
+
+A batch gathers for ``gather_s`` after its first instance: a scanner's series, one
+instance after another, then costs one sync of its folder per batch rather than one per
+instance (each is a cache flush of the disk, competing with the syncs acknowledgements
+wait for). ``drain`` does not wait for the gathering.
 """
 from __future__ import annotations
 
