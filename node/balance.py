@@ -44,9 +44,11 @@ class ConnectionCounts:
             slots[index] = NOT_ACCEPTING
         return cls(slots, 0)
 
-    def update(self, closing: int = 0) -> None:
-        """Publish this process's count (``closing``: connections ending right now)."""
-        self.slots[self.index] = max(0, self.active() - closing)
+    def update(self, closing: int = 0, opening: int = 0) -> None:
+        """Publish this process's count: ``active`` less ``closing`` (connections it
+        still counts that are ending right now), plus ``opening`` (accepted ones it does
+        not count yet)."""
+        self.slots[self.index] = max(0, self.active() - closing + opening)
 
     def accepted(self) -> None:
         """A connection was just accepted: count it before ``active`` does, so the next

@@ -92,12 +92,14 @@ def handle_conn_open(event: Event, ctx: NodeContext) -> None:
         except OSError:
             pass
     if ctx.association_counts is not None:  # what the other processes see of this one
-        ctx.association_counts.update()
+        # pynetdicom signals the connection before it starts the association's thread,
+        # and the server counts its associations by their running threads
+        ctx.association_counts.update(opening=0 if event.assoc.is_alive() else 1)
 
 
 def handle_conn_close(event: Event, ctx: NodeContext) -> None:
     if ctx.association_counts is not None:
-        ctx.association_counts.update(closing=1)
+        ctx.association_counts.update(closing=1 if event.assoc.is_alive() else 0)
 
 
 def handle_requested(event: Event, ctx: NodeContext) -> None:

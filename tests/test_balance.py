@@ -9,7 +9,10 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from cli.runtime import open_archive
+from node import DicomNode
 from node.balance import NOT_ACCEPTING, ConnectionCounts, left_to_another, waiting
+from tests.conftest import make_settings
 from tests.support import wait_until
 
 
@@ -98,6 +101,44 @@ def test_a_process_no_busier_than_the_others_accepts_at_once(listening):
 
 
 # ------------------------------------------------------------------ a node's processes
+
+
+@pytest.fixture
+def counted_node(tmp_path):
+    """A node of one process whose associations are counted in a shared slot (as a
+    worker's are), with no periodic refresh of the count (a worker's ``tick``): what the
+    slot says is what the association handlers published."""
+    settings = make_settings(tmp_path)
+    archive = open_archive(settings)
+    counts = ConnectionCounts([0, NOT_ACCEPTING], 0)
+    node = DicomNode(settings, archive, counts)
+    node.start()
+    yield node, counts
+    node.stop(grace_s=5)
+    archive.close()
+
+
+def test_an_association_is_counted_from_its_acceptance_to_its_end(counted_node):
+    # pynetdicom signals a new connection before the association's thread runs, and the
+    # server counts running threads: the count published then must include it, or a
+    # process that has just accepted looks idle and takes the next connection of a burst
+    node, counts = counted_node
+    ae = AE(ae_title="BALANCETEST")
+    ae.add_requested_context(Verification)
+    first = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae.title)
+    second = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae.title)
+    try:
+        assert first.is_established and second.is_established
+        assert counts.slots[0] == 2
+        first.release()
+        wait_until(lambda: counts.slots[0] == 1, timeout=5, what="the released association counted down")
+        second.release()
+        wait_until(lambda: counts.slots[0] == 0, timeout=5, what="both associations counted down")
+    finally:
+        for assoc in (first, second):
+            if assoc.is_established:
+                assoc.release()
+
 
 
 def test_associations_held_at_once_are_spread_over_every_process(start_node):
