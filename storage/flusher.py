@@ -45,7 +45,8 @@ class FolderFlusher:
         """``temp``: the file's temp name, removed once ``folders`` are synced."""
         with self._cond:
             self._pending.append((folders, journal_pk, temp))
-            self._cond.notify_all()
+            if len(self._pending) == 1:  # later ones join a batch that is gathering: no wake-up
+                self._cond.notify_all()
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is synced (tests, close)."""

@@ -169,6 +169,29 @@ def test_instances_given_to_the_flusher_within_its_gathering_time_share_one_fold
     assert finished == [1, 2, 3, 4, 5]
 
 
+def _context_switches(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/status") as status:
+        return sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread counts from Linux /proc")
+def test_instances_given_to_a_gathering_flusher_do_not_wake_it(tmp_path):
+    # each wake-up is a hand-over of the interpreter lock by the thread that is storing
+    from storage.flusher import FolderFlusher
+
+    flusher = FolderFlusher(lambda folders: None, lambda pk: None, lambda temp: None, gather_s=60)
+    try:
+        flusher.submit([tmp_path / "series"], 1, tmp_path / "1.part")
+        time.sleep(0.2)  # the flusher has woken for the first, and gathers
+        before = _context_switches(flusher._thread.native_id)
+        for pk in range(2, 52):  # one after another, as a modality sends them
+            flusher.submit([tmp_path / "series"], pk, tmp_path / f"{pk}.part")
+            time.sleep(0.002)
+        assert _context_switches(flusher._thread.native_id) - before < 5
+    finally:
+        flusher.close()
+
+
 def test_repair_finishes_a_rename_that_did_not_survive(tmp_path):
     archive = Archive(tmp_path / "a")
     ds = corpus.ct_series(1)[0]
