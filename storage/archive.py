@@ -32,6 +32,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AllStoragePresentationContexts
 
+from . import disk_sync
 from .activity import Foreground
 from .attributes import BY_KEYWORD, COLUMNS_BY_LEVEL, LEVEL_RANK, UNIQUE_KEY, normalize_date, normalize_time
 from .blobs import BlobStore, FileBlobStore
@@ -136,10 +137,15 @@ class Archive:
             self.repair()
         self.flusher: FolderFlusher | None = None
         self._temp_syncs: ThreadPoolExecutor | None = None
+        # the syncs before an acknowledgement: side by side in the kernel, waited for by
+        # the storing thread (storage/disk_sync.py), or else on threads of a pool
+        self.syncs_together = False
         if isinstance(self.blobs, FileBlobStore):
             self.flusher = FolderFlusher(functools.partial(self.blobs.sync_folders, changed_only=True),
                                          self.index.journal_finished, self.blobs.discard_temp)
-            self._temp_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="temp-sync")
+            self.syncs_together = disk_sync.available()
+            if not self.syncs_together:
+                self._temp_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="temp-sync")
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -301,7 +307,7 @@ class Archive:
         """A receiver has just created a file in :meth:`receive_folder`: start making its
         name durable now, beside the receipt, rather than once the file is complete.
         Hand the result to :meth:`store_received_file` with the file (``None``: the
-        archive syncs the name then)."""
+        archive syncs the name then, together with the content where it can)."""
         return self._start_temp_sync()
 
     def new_temp(self) -> tuple[BinaryIO, Path]:
@@ -438,7 +444,8 @@ class Archive:
 
     def _start_temp_sync(self) -> "Future[None] | None":
         """Start syncing the temp file's name (its folder) on the archive's pool; the
-        caller syncs the content meanwhile."""
+        caller syncs the content meanwhile. (``None`` where the syncs run together, or
+        there is no temp folder.)"""
         if self._temp_syncs is None:
             return None
         blobs = self.blobs
@@ -448,11 +455,42 @@ class Archive:
     def _sync_temp(self, temp: Path, name_synced: "Future[None] | None", fd: int | None = None) -> None:
         """The temp file's content and name on disk (``fd``: an open descriptor of it)."""
         assert isinstance(self.blobs, FileBlobStore)
+        if self.syncs_together and name_synced is None:
+            self._sync_together(temp, fd, index_too=False)
+            return
         self.blobs.sync_temp(temp, fd)
         if name_synced is None:
             self.blobs.sync_temp_folder()
         else:
             name_synced.result()
+
+    def _sync_together(self, temp: Path, fd: int | None, index_too: bool) -> None:
+        """The temp file's content, its name (the temp folder) and, with ``index_too``,
+        every index commit so far (the WAL) on disk: synced side by side by the kernel,
+        with one wait on this thread (storage/disk_sync.py)."""
+        blobs = self.blobs
+        assert isinstance(blobs, FileBlobStore)
+        own = fd is None
+        try:
+            if own:
+                fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+            assert fd is not None
+            targets = [(fd, True), (blobs.temp_folder_descriptor, False)]
+            if index_too:
+                targets.append((self.index.wal_descriptor(), True))
+            content, folder, *index = disk_sync.sync_together(targets)
+        except OSError as exc:
+            raise StorageFailure(f"could not write {temp.name}: {exc.strerror or exc}") from exc
+        finally:
+            if own and fd is not None:
+                os.close(fd)
+        if content is not None:
+            raise StorageFailure(f"could not write {temp.name}: {content.strerror or content}")
+        if folder is not None:
+            raise StorageFailure(f"could not sync {blobs.tmp}: {folder.strerror or folder}")
+        if index and index[0] is not None:
+            log.error("could not sync the index WAL: %s", index[0])
+            raise StorageFailure(f"the index could not be synced to disk: {index[0].strerror or index[0]}")
 
     def _check(
         self, temp: Path, size: int, ds: Dataset, tsuid: str, source: Source, expected_study: str | None,
@@ -681,7 +719,11 @@ class Archive:
         """Journal, file and index with one wait for the disk before the acknowledgement:
 
         1. in parallel: the journal row naming ``key`` and ``temp`` committed to disk,
-           the temp file's content synced, the temp folder synced (its name durable);
+           the temp file's content synced, the temp folder synced (its name durable).
+           Where the kernel can sync them side by side for this thread
+           (``syncs_together``), the row is committed first and the three syncs (the
+           index's WAL, the content, the folder) are one wait; else the row's sync and
+           the folder's run on other threads;
         2. ``key`` linked to ``temp`` (``FileBlobStore.place``); the index row committed,
            visible but not synced (the durable journal row lets repair redo it);
         3. acknowledged. The flusher syncs the folders of ``key`` later, in batches, and
@@ -694,15 +736,25 @@ class Archive:
         at ``key``: dropped, with the temp file."""
         blobs = self.blobs
         assert isinstance(blobs, FileBlobStore) and self.flusher is not None
-        # one instance: its index jobs run on this thread when the writer is idle
-        journal = self.index.journal_add_async(key, "store", temp=str(temp), here=True)
-        try:
-            self._sync_temp(temp, synced, fd)
-        except BaseException:
-            if journal.exception() is None:
-                self.repair_entry(journal.result(), key)  # nothing was placed
-            raise
-        journal_pk = journal.result()  # raises (nothing placed yet) if the journal failed
+        if self.syncs_together and synced is None:
+            # the row committed first, then the content, the name and the row synced at once
+            journal_pk = self.index.journal_add_async(key, "store", temp=str(temp), here=True,
+                                                      durable=False).result()
+            try:
+                self._sync_together(temp, fd, index_too=True)
+            except BaseException:
+                self.repair_entry(journal_pk, key)  # nothing was placed
+                raise
+        else:
+            # one instance: its index jobs run on this thread when the writer is idle
+            journal = self.index.journal_add_async(key, "store", temp=str(temp), here=True)
+            try:
+                self._sync_temp(temp, synced, fd)
+            except BaseException:
+                if journal.exception() is None:
+                    self.repair_entry(journal.result(), key)  # nothing was placed
+                raise
+            journal_pk = journal.result()  # raises (nothing placed yet) if the journal failed
         try:
             folders = blobs.place(temp, key)
             outcome = self.index.upsert_instance_async(record, durable=False, here=True).result()

@@ -219,6 +219,14 @@ class FileBlobStore:
             except OSError as exc:
                 raise StorageFailure(f"could not sync {folder}: {exc.strerror or exc}") from exc
 
+    @property
+    def temp_folder_descriptor(self) -> int:
+        """This process's temp folder, open (and locked) while the store is: an fsync of
+        it makes the names of the temp files in it durable."""
+        if self._lock_fd is None:
+            raise StorageFailure("the blob store is closed")
+        return self._lock_fd
+
     def sync_temp_folder(self) -> None:
         """Make the names of this process's temp files durable. (Concurrent stores each
         call it: measured here, four threads syncing side by side beat one shared

@@ -393,13 +393,17 @@ class _WalSyncer:
             os.close(self._fd)
             self._fd = None
 
+    def descriptor(self) -> int:
+        """A descriptor of the WAL file, open as long as the index is: an fdatasync of
+        it puts every commit made before the call on disk."""
+        with self._fd_lock:
+            if self._fd is None:
+                self._fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
+            return self._fd
+
     def _sync(self, results: list[tuple[Future, Any, BaseException | None]]) -> None:
         try:
-            with self._fd_lock:
-                if self._fd is None:
-                    self._fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
-                fd = self._fd
-            os.fdatasync(fd)  # what SQLite itself calls on Linux
+            os.fdatasync(self.descriptor())  # what SQLite itself calls on Linux
         except OSError as exc:
             log.error("could not sync the index WAL %s: %s", self.wal, exc)
             _resolve_failed(results, f"the index could not be synced to disk: {exc.strerror or exc}")
@@ -549,14 +553,22 @@ class SQLiteIndex:
         )
 
     def journal_add_async(self, blob_key: str, action: str, temp: str | None = None,
-                          here: bool = False) -> "Future[int]":
+                          here: bool = False, durable: bool = True) -> "Future[int]":
+        """``durable=False``: the row is committed, not yet on disk: the caller syncs
+        :meth:`wal_descriptor` itself."""
         return self.submit(
             lambda c: c.execute(
                 "INSERT INTO journal (blob_key, action, created_at, temp) VALUES (?, ?, ?, ?)",
                 (blob_key, action, time.time(), temp),
             ).lastrowid,
+            durable,
             here=here,
         )
+
+    def wal_descriptor(self) -> int:
+        """The index's WAL file, open: a caller that syncs it (``os.fdatasync``) puts
+        every commit made before on disk, as a durable commit would."""
+        return self._writer.syncer.descriptor()
 
     def journal_sync(self, pk: int) -> None:
         """Return once journal row ``pk`` and every commit before it are on disk."""

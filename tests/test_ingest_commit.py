@@ -255,8 +255,97 @@ def test_a_failed_folder_sync_after_the_acknowledgement_leaves_the_journal_row(t
         archive.close()
 
 
+@pytest.fixture
+def threads_only(monkeypatch):
+    """Archives opened from now on sync on threads, as where the kernel cannot sync for
+    the storing thread (storage/disk_sync.py)."""
+    from storage import disk_sync
+
+    monkeypatch.setattr(disk_sync, "available", lambda: False)
+
+
+def test_an_archive_syncs_for_the_storing_thread_where_the_kernel_can(tmp_path):
+    from storage import disk_sync
+
+    archive = Archive(tmp_path / "a")
+    try:
+        assert archive.syncs_together is disk_sync.available()
+    finally:
+        archive.close()
+
+
+def test_without_kernel_syncs_a_stored_instance_is_in_place_and_indexed(tmp_path, threads_only):
+    archive = Archive(tmp_path / "a")
+    try:
+        assert not archive.syncs_together
+        ds = corpus.ct_series(1)[0]
+        result = archive.store_bytes(_bytes(ds), Source("test"))
+        [stored] = archive.instances(sop_instance_uids=(result.sop_instance_uid,))
+        assert archive.instance_path(stored).read_bytes() == _bytes(ds)
+        archive.flusher.drain()
+        assert list(archive.blobs.tmp.iterdir()) == []
+    finally:
+        archive.close()
+
+
+@pytest.fixture
+def together_archive(tmp_path):
+    from storage import disk_sync
+
+    if not disk_sync.available():
+        pytest.skip("no kernel AIO syncs on this machine")
+    archive = Archive(tmp_path / "a")
+    yield archive
+    archive.close()
+
+
+def test_the_journal_row_is_committed_before_the_syncs_that_make_it_durable(together_archive, monkeypatch):
+    import os
+
+    from storage import disk_sync
+
+    archive = together_archive
+    seen: list[tuple[list[str], list]] = []
+    real = disk_sync.sync_together
+
+    def spy(targets):
+        synced = [os.readlink(f"/proc/self/fd/{fd}") for fd, _ in targets]
+        seen.append((synced, _journal(archive)))
+        return real(targets)
+
+    monkeypatch.setattr(disk_sync, "sync_together", spy)
+    archive.store_bytes(_bytes(corpus.ct_series(1)[0]), Source("test"))
+    [(synced, journal)] = seen  # one wait for the disk
+    content, folder, wal = synced
+    [(_, key, action, temp)] = journal  # the row naming the file, already committed
+    assert (action, temp) == ("store", content)
+    assert folder == str(archive.blobs.tmp)
+    assert wal == str(archive.index.path) + "-wal"
+
+
+@pytest.mark.parametrize("failing", [0, 1, 2], ids=["content", "temp folder", "index"])
+def test_a_failed_sync_stores_nothing(together_archive, monkeypatch, failing):
+    from storage import disk_sync
+
+    archive = together_archive
+    real = disk_sync.sync_together
+
+    def fail_one(targets):
+        results = real(targets)
+        results[failing] = OSError(5, "Input/output error")
+        return results
+
+    monkeypatch.setattr(disk_sync, "sync_together", fail_one)
+    with pytest.raises(StorageFailure, match="Input/output error"):
+        archive.store_bytes(_bytes(corpus.ct_series(1)[0]), Source("test"))
+    assert archive.counts()["instances"] == 0
+    assert list(archive.blobs.iter_keys()) == []
+    assert _journal(archive) == []
+    assert list(archive.blobs.tmp.iterdir()) == []
+
+
 @pytest.mark.parametrize("step", ["sync_temp", "sync_temp_folder"])
-def test_failed_temp_sync_stores_nothing(tmp_path, monkeypatch, step):
+def test_failed_temp_sync_stores_nothing(tmp_path, monkeypatch, step, threads_only):
     archive = Archive(tmp_path / "a")
     try:
         def fail(*args):

@@ -188,10 +188,23 @@ def test_an_association_aborted_inside_a_dataset_leaves_no_partial_file(node):
     _assert_nothing_kept(node)
 
 
-def test_a_received_file_name_starts_being_synced_once_the_file_exists_and_only_then(node, tmp_path, monkeypatch):
+@pytest.fixture
+def threads_node(start_node, monkeypatch):
+    """A node whose archive syncs on threads, as where the kernel cannot sync for the
+    storing thread (storage/disk_sync.py): the name sync then begins with the receipt."""
+    from storage import disk_sync
+
+    monkeypatch.setattr(disk_sync, "available", lambda: False)
+    return start_node()
+
+
+def test_a_received_file_name_starts_being_synced_once_the_file_exists_and_only_then(threads_node, tmp_path,
+                                                                                      monkeypatch):
     # The receive folder's sync (the name's durability) runs while the dataset arrives,
     # and the archive waits for that sync rather than starting its own.
     from storage.blobs import FileBlobStore
+
+    node = threads_node
 
     paths = corpus.save(corpus.ct_series(3), tmp_path / "in")
     folder = node.archive.receive_folder()
@@ -226,15 +239,36 @@ def test_a_received_file_name_starts_being_synced_once_the_file_exists_and_only_
     assert node.archive.counts()["instances"] == 3
 
 
-def test_a_failed_name_sync_begun_with_the_receipt_refuses_the_instance_and_keeps_nothing(node, tmp_path, monkeypatch):
+def test_a_failed_name_sync_begun_with_the_receipt_refuses_the_instance_and_keeps_nothing(threads_node, tmp_path,
+                                                                                          monkeypatch):
     from storage.blobs import FileBlobStore
     from storage.errors import StorageFailure
+
+    node = threads_node
 
     def fail(self):
         raise StorageFailure("disk gone")
 
     [path] = corpus.save(corpus.ct_series(1), tmp_path / "in")
     monkeypatch.setattr(FileBlobStore, "sync_temp_folder", fail)
+    proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
+    assert "I: Received Store Response (Refused: OutOfResources)" in proc.stdout + proc.stderr  # 0xA700
+    assert node.archive.counts()["instances"] == 0
+    assert [p for p in node.archive.receive_folder().iterdir() if p.is_file()] == []
+
+
+def test_a_failed_sync_before_the_acknowledgement_refuses_the_instance_and_keeps_nothing(node, tmp_path,
+                                                                                         monkeypatch):
+    from storage import disk_sync
+
+    if not node.archive.syncs_together:
+        pytest.skip("no kernel AIO syncs on this machine")
+
+    def fail(targets):
+        return [OSError(5, "Input/output error")] * len(targets)
+
+    [path] = corpus.save(corpus.ct_series(1), tmp_path / "in")
+    monkeypatch.setattr(disk_sync, "sync_together", fail)
     proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
     assert "I: Received Store Response (Refused: OutOfResources)" in proc.stdout + proc.stderr  # 0xA700
     assert node.archive.counts()["instances"] == 0
