@@ -34,9 +34,8 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
@@ -47,7 +46,7 @@ from .commands import ui_value
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 WRITEBACK_BYTES = 256 * 1024  # written between two requests to start writing back
-NameSync = Callable[[], "Future[None] | None"]
+NameSync = Callable[[], Any]  # the archive's start_name_sync: what it returns goes back to the archive
 
 
 def _sh(value: str) -> bytes:
@@ -92,7 +91,7 @@ class ReceivedFile:
         self.error: OSError | None = None
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._unsubmitted = 0  # bytes written since writeback was last started
-        self.name_synced: Future[None] | None = None
+        self.name_synced: Any = None
         if name_sync is not None:
             try:
                 self.name_synced = name_sync()

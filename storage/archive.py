@@ -58,6 +58,9 @@ STORAGE_SOP_CLASSES: frozenset[str] = frozenset(cx.abstract_syntax for cx in All
 _COPY_CHUNK = 1 << 20
 _DEFER_SIZE = 4096  # values larger than this are skipped, not loaded, while indexing
 _BATCH = 64  # instances stored together by store_prepared_all
+# a temp file's name sync begun before its content is complete: in the kernel
+# (storage/disk_sync.py) or on the archive's pool
+NameSync = Future[None] | disk_sync.Pending
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,7 @@ class Archive:
 
     def store_received_file(
         self, path: Path, source: Source, expected_study: str | None = None,
-        name_synced: "Future[None] | None" = None,
+        name_synced: "NameSync | None" = None,
     ) -> StoreResult:
         """Store the file at ``path``, which the caller gives up (a file a receiver wrote,
         such as pynetdicom's chunked C-STORE dataset): moved into the archive's temp
@@ -303,7 +306,7 @@ class Archive:
         (taken over as it is), or ``None`` when this blob store has no such folder."""
         return self.blobs.tmp if isinstance(self.blobs, FileBlobStore) else None
 
-    def start_name_sync(self) -> "Future[None] | None":
+    def start_name_sync(self) -> "NameSync | None":
         """A receiver has just created a file in :meth:`receive_folder`: start making its
         name durable now, beside the receipt, rather than once the file is complete.
         Hand the result to :meth:`store_received_file` with the file (``None``: the
@@ -339,7 +342,7 @@ class Archive:
 
     def store_temp(
         self, temp: Path, source: Source, expected_study: str | None = None,
-        name_synced: "Future[None] | None" = None,
+        name_synced: "NameSync | None" = None,
     ) -> StoreResult:
         """The one ingest path. Takes ownership of ``temp`` (a file from :meth:`new_temp`).
         ``name_synced``: the sync of ``temp``'s name, when one was started already
@@ -409,7 +412,7 @@ class Archive:
             self.metrics.inc("dicomnode_ingest_failures_total", reason="StorageFailure")
 
     def _ingest(
-        self, temp: Path, source: Source, expected_study: str | None, name_synced: "Future[None] | None" = None,
+        self, temp: Path, source: Source, expected_study: str | None, name_synced: "NameSync | None" = None,
     ) -> StoreResult:
         # One descriptor for the size, the header and the content sync (no buffered file:
         # each Python open costs an fstat, an ioctl and seeks, and every syscall a GIL
@@ -442,43 +445,57 @@ class Archive:
                 parsed = _parse_with_pydicom(fh, size)
         return parsed
 
-    def _start_temp_sync(self) -> "Future[None] | None":
-        """Start syncing the temp file's name (its folder) on the archive's pool; the
-        caller syncs the content meanwhile. (``None`` where the syncs run together, or
-        there is no temp folder.)"""
+    def _start_temp_sync(self) -> "NameSync | None":
+        """Start syncing the temp file's name (its folder): in the kernel, or on the
+        archive's pool; the caller syncs the content meanwhile. (``None``: no temp
+        folder, or it could not be begun: the name is synced with the content.)"""
+        blobs = self.blobs
+        if self.syncs_together:
+            assert isinstance(blobs, FileBlobStore)
+            try:
+                return disk_sync.start([(blobs.temp_folder_descriptor, False)])
+            except (OSError, StorageFailure):
+                return None
         if self._temp_syncs is None:
             return None
-        blobs = self.blobs
         assert isinstance(blobs, FileBlobStore)
         return self._temp_syncs.submit(blobs.sync_temp_folder)
 
-    def _sync_temp(self, temp: Path, name_synced: "Future[None] | None", fd: int | None = None) -> None:
+    def _sync_temp(self, temp: Path, name_synced: "NameSync | None", fd: int | None = None) -> None:
         """The temp file's content and name on disk (``fd``: an open descriptor of it)."""
         assert isinstance(self.blobs, FileBlobStore)
-        if self.syncs_together and name_synced is None:
-            self._sync_together(temp, fd, index_too=False)
+        if self.syncs_together:
+            self._sync_together(temp, fd, name_synced, index_too=False)
             return
         self.blobs.sync_temp(temp, fd)
         if name_synced is None:
             self.blobs.sync_temp_folder()
         else:
+            assert isinstance(name_synced, Future)
             name_synced.result()
 
-    def _sync_together(self, temp: Path, fd: int | None, index_too: bool) -> None:
-        """The temp file's content, its name (the temp folder) and, with ``index_too``,
-        every index commit so far (the WAL) on disk: synced side by side by the kernel,
-        with one wait on this thread (storage/disk_sync.py)."""
+    def _sync_together(self, temp: Path, fd: int | None, name_synced: "NameSync | None", index_too: bool) -> None:
+        """The temp file's content, its name (the temp folder, unless ``name_synced``
+        began that sync already) and, with ``index_too``, every index commit so far (the
+        WAL) on disk: synced side by side by the kernel, with one wait on this thread
+        (storage/disk_sync.py)."""
         blobs = self.blobs
         assert isinstance(blobs, FileBlobStore)
         own = fd is None
+        begun = name_synced if isinstance(name_synced, disk_sync.Pending) else None
         try:
             if own:
                 fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
             assert fd is not None
-            targets = [(fd, True), (blobs.temp_folder_descriptor, False)]
+            targets = [(fd, True)]
             if index_too:
                 targets.append((self.index.wal_descriptor(), True))
-            content, folder, *index = disk_sync.sync_together(targets)
+            if begun is None:
+                targets.append((blobs.temp_folder_descriptor, False))
+            results = disk_sync.sync_together(targets)
+            content = results[0]
+            index = results[1] if index_too else None
+            folder = begun.wait()[0] if begun is not None else results[-1]
         except OSError as exc:
             raise StorageFailure(f"could not write {temp.name}: {exc.strerror or exc}") from exc
         finally:
@@ -488,9 +505,9 @@ class Archive:
             raise StorageFailure(f"could not write {temp.name}: {content.strerror or content}")
         if folder is not None:
             raise StorageFailure(f"could not sync {blobs.tmp}: {folder.strerror or folder}")
-        if index and index[0] is not None:
-            log.error("could not sync the index WAL: %s", index[0])
-            raise StorageFailure(f"the index could not be synced to disk: {index[0].strerror or index[0]}")
+        if index is not None:
+            log.error("could not sync the index WAL: %s", index)
+            raise StorageFailure(f"the index could not be synced to disk: {index.strerror or index}")
 
     def _check(
         self, temp: Path, size: int, ds: Dataset, tsuid: str, source: Source, expected_study: str | None,
@@ -521,7 +538,7 @@ class Archive:
         return PreparedInstance(temp, source, record, sop_class, sop_uid, study_uid, series_uid)
 
     def _store_checked(
-        self, prepared: PreparedInstance, synced: "Future[None] | None" = None, fd: int | None = None,
+        self, prepared: PreparedInstance, synced: "NameSync | None" = None, fd: int | None = None,
     ) -> StoreResult:
         temp = prepared.temp
         with self._instance_locks.holding([prepared.sop_instance_uid]):
@@ -713,7 +730,7 @@ class Archive:
         self.blobs.delete(key)
 
     def _commit_overlapped(
-        self, temp: Path, key: str, record: InstanceRecord, synced: "Future[None] | None" = None,
+        self, temp: Path, key: str, record: InstanceRecord, synced: "NameSync | None" = None,
         fd: int | None = None,
     ) -> Any:
         """Journal, file and index with one wait for the disk before the acknowledgement:
@@ -736,12 +753,12 @@ class Archive:
         at ``key``: dropped, with the temp file."""
         blobs = self.blobs
         assert isinstance(blobs, FileBlobStore) and self.flusher is not None
-        if self.syncs_together and synced is None:
+        if self.syncs_together:
             # the row committed first, then the content, the name and the row synced at once
             journal_pk = self.index.journal_add_async(key, "store", temp=str(temp), here=True,
                                                       durable=False).result()
             try:
-                self._sync_together(temp, fd, index_too=True)
+                self._sync_together(temp, fd, synced, index_too=True)
             except BaseException:
                 self.repair_entry(journal_pk, key)  # nothing was placed
                 raise

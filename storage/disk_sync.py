@@ -166,51 +166,86 @@ def sync_together(targets: Sequence[tuple[int, bool]]) -> list[OSError | None]:
     ``os.fdatasync``, else as ``os.fsync``) side by side, and return once all of them are
     done: for each, ``None`` or the ``OSError`` it failed with. Only where
     :func:`available` said so."""
+    results: list[OSError | None] = []
+    for first in range(0, len(targets), _EVENTS):
+        results.extend(start(targets[first:first + _EVENTS]).wait())
+    return results
+
+
+def start(targets: Sequence[tuple[int, bool]]) -> "Pending":
+    """Begin syncing ``targets`` (at most 16, as in :func:`sync_together`) and return at
+    once; :meth:`Pending.wait` for the results, from this thread or another."""
     if not available():
         raise RuntimeError("kernel AIO syncs are not available here")
-    results: list[OSError | None] = []
-    for start in range(0, len(targets), _EVENTS):
-        results.extend(_sync(targets[start:start + _EVENTS]))
-    return results
+    if len(targets) > _EVENTS:
+        raise ValueError(f"at most {_EVENTS} syncs at a time")
+    return Pending(targets)
 
 
 def _sync(targets: Sequence[tuple[int, bool]]) -> list[OSError | None]:
-    assert _contexts is not None
-    kernel = _contexts.kernel
-    results: list[OSError | None] = [None] * len(targets)
-    iocbs = []
-    for position, (fd, datasync) in enumerate(targets):
-        iocb = _Iocb()
-        iocb.aio_data = position
-        iocb.aio_lio_opcode = _IOCB_CMD_FDSYNC if datasync else _IOCB_CMD_FSYNC
-        iocb.aio_fildes = fd
-        iocbs.append(iocb)
-    context = _contexts.take()
-    in_flight = 0
-    try:
-        pending = iocbs
-        while pending:
-            try:
-                taken = kernel.submit(context, pending)
-            except OSError as exc:  # the first of ``pending`` was refused (a bad descriptor, say)
-                results[pending[0].aio_data] = exc
-                taken = 1
-            else:
-                in_flight += taken
-            pending = pending[taken:]
-        events = (_IoEvent * max(1, in_flight))()
-        while in_flight:
-            try:
-                got = kernel.getevents(context, events, in_flight)
-            except InterruptedError:
-                continue
-            for event in events[:got]:
-                if event.res < 0:
-                    results[event.data] = OSError(-event.res, os.strerror(-event.res))
-            in_flight -= got
-    finally:
-        if in_flight:
-            _contexts.drop(context)
+    return Pending(targets).wait()
+
+
+class Pending:
+    """Syncs the kernel is running: :meth:`wait` for them once. (Not waited for, they
+    still complete: the context they run in is released when this is collected.)"""
+
+    def __init__(self, targets: Sequence[tuple[int, bool]]) -> None:
+        self._context: int | None = None
+        self._in_flight = 0
+        assert _contexts is not None
+        self._contexts = _contexts
+        self.results: list[OSError | None] = [None] * len(targets)
+        iocbs = []
+        for position, (fd, datasync) in enumerate(targets):
+            iocb = _Iocb()
+            iocb.aio_data = position
+            iocb.aio_lio_opcode = _IOCB_CMD_FDSYNC if datasync else _IOCB_CMD_FSYNC
+            iocb.aio_fildes = fd
+            iocbs.append(iocb)
+        self._context = self._contexts.take()
+        kernel = self._contexts.kernel
+        try:
+            while iocbs:
+                try:
+                    taken = kernel.submit(self._context, iocbs)
+                except OSError as exc:  # the first of them was refused (a bad descriptor, say)
+                    self.results[iocbs[0].aio_data] = exc
+                    taken = 1
+                else:
+                    self._in_flight += taken
+                iocbs = iocbs[taken:]
+        except BaseException:
+            self._release()
+            raise
+
+    def wait(self) -> list[OSError | None]:
+        """For each target, ``None`` or the ``OSError`` it failed with, once all are done."""
+        if self._context is None:
+            return self.results
+        events = (_IoEvent * max(1, self._in_flight))()
+        try:
+            while self._in_flight:
+                try:
+                    got = self._contexts.kernel.getevents(self._context, events, self._in_flight)
+                except InterruptedError:
+                    continue
+                for event in events[:got]:
+                    if event.res < 0:
+                        self.results[event.data] = OSError(-event.res, os.strerror(-event.res))
+                self._in_flight -= got
+        finally:
+            self._release()
+        return self.results
+
+    def _release(self) -> None:
+        context, self._context = self._context, None
+        if context is None:
+            return
+        if self._in_flight:  # an interrupted wait, or never waited for
+            self._contexts.drop(context)
         else:
-            _contexts.give_back(context)
-    return results
+            self._contexts.give_back(context)
+
+    def __del__(self) -> None:
+        self._release()

@@ -239,6 +239,37 @@ def test_a_received_file_name_starts_being_synced_once_the_file_exists_and_only_
     assert node.archive.counts()["instances"] == 3
 
 
+def test_a_received_file_name_sync_begins_in_the_kernel_with_the_receipt(node, tmp_path, monkeypatch):
+    # Where the kernel syncs for the storing thread, the temp folder's sync begins as
+    # the dataset starts arriving, and the acknowledgement waits for it, once per instance.
+    import os
+
+    from storage import disk_sync
+
+    if not node.archive.syncs_together:
+        pytest.skip("no kernel AIO syncs on this machine")
+    paths = corpus.save(corpus.ct_series(3), tmp_path / "in")
+    folder = str(node.archive.receive_folder())
+    batches: list[list[str]] = []
+    handed: list = []
+    real_start, store_received_file = disk_sync.start, node.archive.store_received_file
+
+    def spy_start(targets):
+        batches.append([os.readlink(f"/proc/self/fd/{fd}") for fd, _ in targets])
+        return real_start(targets)
+
+    def spy_store(path, *args, **kwargs):
+        handed.append(kwargs.get("name_synced"))
+        return store_received_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(disk_sync, "start", spy_start)
+    monkeypatch.setattr(node.archive, "store_received_file", spy_store)
+    dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, paths), check=True)
+    assert len(handed) == 3 and all(isinstance(begun, disk_sync.Pending) for begun in handed)
+    assert [batch for batch in batches if folder in batch] == [[folder]] * 3  # begun alone, once each
+    assert node.archive.counts()["instances"] == 3
+
+
 def test_a_failed_name_sync_begun_with_the_receipt_refuses_the_instance_and_keeps_nothing(threads_node, tmp_path,
                                                                                           monkeypatch):
     from storage.blobs import FileBlobStore
@@ -264,11 +295,15 @@ def test_a_failed_sync_before_the_acknowledgement_refuses_the_instance_and_keeps
     if not node.archive.syncs_together:
         pytest.skip("no kernel AIO syncs on this machine")
 
-    def fail(targets):
-        return [OSError(5, "Input/output error")] * len(targets)
+    real_start = disk_sync.start
+
+    def start(targets):  # every sync the kernel runs fails
+        pending = real_start(targets)
+        pending.wait = lambda: [OSError(5, "Input/output error")] * len(targets)
+        return pending
 
     [path] = corpus.save(corpus.ct_series(1), tmp_path / "in")
-    monkeypatch.setattr(disk_sync, "sync_together", fail)
+    monkeypatch.setattr(disk_sync, "start", start)
     proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
     assert "I: Received Store Response (Refused: OutOfResources)" in proc.stdout + proc.stderr  # 0xA700
     assert node.archive.counts()["instances"] == 0
