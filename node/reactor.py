@@ -26,8 +26,9 @@ decoding, ACSE) and changes only how the threads wait:
 - each association gets the node's presentation contexts as fresh objects sharing their
   UIDs (``fresh_contexts``), not a ``deepcopy`` that re-validates ~7,700 UIDs.
 
-Both waits are bounded (``POLL_S``), so timers, kill flags and release/abort checks run
-as before. It is wired in through pynetdicom's public ``request_handler`` argument of
+Both waits are bounded (``POLL_S`` for the DUL thread, ``IDLE_LOOK_S`` for the
+association thread, which a release, an abort or ``kill()`` wakes at once), so timers
+and kill flags are looked at as before. It is wired in through pynetdicom's public ``request_handler`` argument of
 ``ThreadedAssociationServer`` (see ``node/server.py``); requestor associations (C-MOVE
 sub-operations) are pynetdicom's own.
 """
@@ -68,6 +69,9 @@ _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 _ASSOC_LOG = logging.getLogger("pynetdicom.association")  # pynetdicom's own loggers there
 _DUL_LOG = logging.getLogger("pynetdicom.dul")
 POLL_S = 0.005  # longest wait before timers and flags are looked at again
+# the association thread's longest wait for a request: it is woken by requests, the
+# peer's release or abort, and kill(); only its network-timeout check waits this long
+IDLE_LOOK_S = 0.05
 
 
 class _WakingQueue(queue.Queue):
@@ -110,11 +114,10 @@ class EventDrivenDUL(DULServiceProvider):
 
     def _wake_association(self) -> None:
         """The association thread, if it waits for a DIMSE message, looks at once (a
-        peer's A-RELEASE-RQ waited up to ``POLL_S`` for its answer: 5 ms of every
-        association's life)."""
+        peer's A-RELEASE-RQ would wait up to ``IDLE_LOOK_S`` for its answer)."""
         dimse = getattr(self.assoc, "dimse", None)
-        if isinstance(dimse, EventDrivenDIMSE) and dimse.waiting:
-            dimse.msg_queue.put((None, None))  # what an empty look returns
+        if isinstance(dimse, EventDrivenDIMSE):
+            dimse.wake_reactor()
 
     def _wait(self) -> None:
         """Until the socket is readable, a queue was fed, or ``POLL_S`` passed."""
@@ -310,7 +313,7 @@ _PENDING = (0xFF00, 0xFF01)
 
 class EventDrivenDIMSE(DIMSEServiceProvider):
     """A non-blocking look for a DIMSE message (the association reactor's) waits up
-    to ``POLL_S`` for one, so a request is served as soon as it is decoded.
+    to ``IDLE_LOOK_S`` for one, so a request is served as soon as it is decoded.
 
     Pending C-FIND responses reuse their encoded command set: all the pending
     responses to one request have the same one, and pynetdicom builds a command set
@@ -498,12 +501,17 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
                 self.dul.send_pdu(pdata)
         return True
 
+    def wake_reactor(self) -> None:
+        """If the association thread waits for a DIMSE message, it looks again at once."""
+        if self.waiting:
+            self.msg_queue.put((None, None))  # what an empty look returns
+
     def get_msg(self, block: bool = False) -> Any:
         if block:
             return super().get_msg(block=True)
         self.waiting = True
         try:
-            return self.msg_queue.get(block=True, timeout=POLL_S)
+            return self.msg_queue.get(block=True, timeout=IDLE_LOOK_S)
         except queue.Empty:
             return None, None
         finally:
@@ -544,11 +552,15 @@ class EventDrivenAssociation(Association):
             if foreground is not None:
                 foreground.end()
 
+    def kill(self) -> None:
+        super().kill()
+        self.dimse.wake_reactor()  # it ends on its next look
+
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's acceptor loop (association.py ``_run_reactor``) without
         its ``time.sleep(0.001)`` at the top of every pass: the look for a message
-        (``EventDrivenDIMSE.get_msg``) already waits for one, up to ``POLL_S``, so a
-        request that is ready is served at once."""
+        (``EventDrivenDIMSE.get_msg``) already waits for one, up to ``IDLE_LOOK_S``,
+        so a request that is ready is served at once."""
         self._is_paused = False
         while not self._kill:
             self._is_paused = True

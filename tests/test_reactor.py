@@ -3,8 +3,12 @@ behave as pynetdicom's: echo, store, find, release, abort, peer disconnect."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
+import time
+
+import pytest
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -183,10 +187,43 @@ def test_associations_one_after_another_each_negotiate_from_the_nodes_own_contex
         assoc.release()
 
 
+def _context_switches(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/status") as status:
+        return sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread counts from Linux /proc")
+def test_an_idle_association_thread_sleeps_between_requests(node):
+    # its looks for a request, each an interpreter-lock hand-over on a busy node, come
+    # IDLE_LOOK_S apart (50 ms), not every few milliseconds
+    assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    try:
+        assert assoc.is_established
+        [served] = node.running.node.active_associations()
+        before = _context_switches(served.native_id)
+        time.sleep(1.0)
+        assert _context_switches(served.native_id) - before < 50
+        assert assoc.send_c_echo().Status == 0x0000  # and a request is still served at once
+    finally:
+        assoc.release()
+
+
+def test_an_association_killed_by_the_node_ends_without_waiting_for_its_next_look(node, monkeypatch):
+    from node import reactor
+
+    monkeypatch.setattr(reactor, "IDLE_LOOK_S", 60.0)
+    assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    [served] = node.running.node.active_associations()
+    served.abort()  # what a stopping node does to associations still open
+    served.join(20)
+    assert not served.is_alive()
+
+
 def test_a_release_is_answered_without_waiting_for_the_association_threads_next_look(node, monkeypatch):
     from node import reactor
 
-    monkeypatch.setattr(reactor, "POLL_S", 60.0)  # its looks would now come a minute apart
+    monkeypatch.setattr(reactor, "IDLE_LOOK_S", 60.0)  # its looks would now come a minute apart
     assoc = _scu().associate("127.0.0.1", node.ae_port, ae_title=node.ae_title)
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000
