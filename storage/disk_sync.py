@@ -174,12 +174,22 @@ def sync_together(targets: Sequence[tuple[int, bool]]) -> list[OSError | None]:
 
 def start(targets: Sequence[tuple[int, bool]]) -> "Pending":
     """Begin syncing ``targets`` (at most 16, as in :func:`sync_together`) and return at
-    once; :meth:`Pending.wait` for the results, from this thread or another."""
+    once; :meth:`Pending.wait` for the results, from this thread or another. (When the
+    kernel has no AIO context to spare, ``/proc/sys/fs/aio-max-nr``, the syncs run one
+    after another in ``wait`` instead.)"""
     if not available():
         raise RuntimeError("kernel AIO syncs are not available here")
     if len(targets) > _EVENTS:
         raise ValueError(f"at most {_EVENTS} syncs at a time")
-    return Pending(targets)
+    try:
+        return Pending(targets)
+    except _NoContext as exc:
+        log.warning("syncing without kernel AIO for now: %s", exc.__cause__)
+        return _OneAfterAnother(targets)
+
+
+class _NoContext(Exception):
+    """No AIO context could be set up."""
 
 
 def _sync(targets: Sequence[tuple[int, bool]]) -> list[OSError | None]:
@@ -203,7 +213,10 @@ class Pending:
             iocb.aio_lio_opcode = _IOCB_CMD_FDSYNC if datasync else _IOCB_CMD_FSYNC
             iocb.aio_fildes = fd
             iocbs.append(iocb)
-        self._context = self._contexts.take()
+        try:
+            self._context = self._contexts.take()
+        except OSError as exc:
+            raise _NoContext() from exc
         kernel = self._contexts.kernel
         try:
             while iocbs:
@@ -249,3 +262,22 @@ class Pending:
 
     def __del__(self) -> None:
         self._release()
+
+
+class _OneAfterAnother(Pending):
+    """The same syncs, run by the waiting thread one after another."""
+
+    def __init__(self, targets: Sequence[tuple[int, bool]]) -> None:  # (not Pending.__init__: it submits)
+        self._context = None
+        self._in_flight = 0
+        self._targets = list(targets)
+        self.results = [None] * len(self._targets)
+
+    def wait(self) -> list[OSError | None]:
+        targets, self._targets = self._targets, []
+        for position, (fd, datasync) in enumerate(targets):
+            try:
+                (os.fdatasync if datasync else os.fsync)(fd)
+            except OSError as exc:
+                self.results[position] = exc
+        return self.results

@@ -74,3 +74,18 @@ def test_threads_sync_at_the_same_time(written):
     for thread in threads:
         thread.join(timeout=60)
     assert failures == []
+
+
+def test_without_a_spare_kernel_context_the_syncs_still_run(written, monkeypatch, tmp_path):
+    # /proc/sys/fs/aio-max-nr reached: the waiting thread syncs them itself
+    fd, folder = written
+    closed = os.dup(fd)
+    os.close(closed)
+
+    def no_context():
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(disk_sync._contexts, "take", no_context)
+    content, bad, folder_result = disk_sync.sync_together([(fd, True), (closed, True), (folder, False)])
+    assert content is None and folder_result is None
+    assert bad is not None and bad.errno == errno.EBADF
