@@ -308,43 +308,58 @@ class Bench:
         ct_study, ct_bytes = ct.study_uids[0], ct.nbytes
         self.drop(ct)
         self.drop(big)
+        serving = [server for server in self.archives() if self.avail[server.name]["qido"]]
         for server in self.archives():
-            if not self.avail[server.name]["qido"]:
+            if server not in serving:
                 for name in ("wado_study", "series_metadata", "rendered_frame"):
                     self.fig(name, server.name, NA)
-                continue
-            self._timed_get(server, "wado_study", f"/studies/{ct_study}",
-                            'multipart/related; type="application/dicom"; transfer-syntax=*', ct_bytes)
-            self._timed_get(server, "series_metadata",
-                            f"/studies/{big.study_uids[0]}/series/{big.series_uids[0]}/metadata",
-                            "application/dicom+json", None)
-            self._timed_get(server, "rendered_frame",
-                            f"/studies/{ct_study}/series/{ct_series}/instances/{ct_sop}/frames/1/rendered",
-                            "image/jpeg", None)
+        self._timed_gets(serving, "wado_study", f"/studies/{ct_study}",
+                         'multipart/related; type="application/dicom"; transfer-syntax=*', ct_bytes)
+        self._timed_gets(serving, "series_metadata",
+                         f"/studies/{big.study_uids[0]}/series/{big.series_uids[0]}/metadata",
+                         "application/dicom+json", None)
+        self._timed_gets(serving, "rendered_frame",
+                         f"/studies/{ct_study}/series/{ct_series}/instances/{ct_sop}/frames/1/rendered",
+                         "image/jpeg", None)
 
-    def _timed_get(self, server: Server, name: str, path: str, accept: str, nbytes: int | None) -> None:
-        times, size = [], 0
-        try:
-            for _ in range(self.plan.repeats):
-                if nbytes:  # a big body: streamed through one buffer
-                    ms, status, size, head = http_get_streamed(server, path, accept)
-                else:
-                    ms, status, head = http_get(server, path, accept)
-                    size = len(head)
-                if status != 200:
-                    raise RuntimeError(f"HTTP {status}: {head[:200]!r}")
-                times.append(ms)
-            m = median(times)
-            value: Any = {"ms": m, "bytes": size, "runs_ms": times}
+    def _timed_gets(self, servers: list[Server], name: str, path: str, accept: str, nbytes: int | None) -> None:
+        """``repeats`` GETs of ``path`` from each server, the servers taking turns (who
+        goes first rotates), so that a phase of the machine weighs on all of them."""
+        by_name = {server.name: server for server in servers}
+        times: dict[str, list[float]] = {server.name: [] for server in servers}
+        sizes: dict[str, int] = {}
+        failed: dict[str, Any] = {}
+        for r in range(self.plan.repeats):
+            for server_name in self.order(r, list(by_name)):
+                if server_name in failed:
+                    continue
+                try:
+                    if nbytes:  # a big body: streamed through one buffer
+                        ms, status, size, head = http_get_streamed(by_name[server_name], path, accept)
+                    else:
+                        ms, status, head = http_get(by_name[server_name], path, accept)
+                        size = len(head)
+                    if status != 200:
+                        raise RuntimeError(f"HTTP {status}: {head[:200]!r}")
+                except NotAvailable:
+                    failed[server_name] = NA
+                    continue
+                except Exception as exc:
+                    failed[server_name] = f"failed: {exc}"[:300]
+                    self.log(f"  {name} on {server_name}: {failed[server_name]}")
+                    continue
+                times[server_name].append(ms)
+                sizes[server_name] = size
+        for server_name, runs in times.items():
+            if server_name in failed:
+                self.fig(name, server_name, failed[server_name])
+                continue
+            m = median(runs)
+            value: Any = {"ms": m, "bytes": sizes[server_name], "runs_ms": runs}
             if nbytes:
-                value["mb_per_s"] = size / 1e6 / (m / 1000)
-            self.log(f"  {name:<22} {server.name:<10} {m:8.1f} ms ({size / 1e6:.1f} MB)")
-        except NotAvailable:
-            value = NA
-        except Exception as exc:
-            value = f"failed: {exc}"[:300]
-            self.log(f"  {name} on {server.name}: {value}")
-        self.fig(name, server.name, value)
+                value["mb_per_s"] = sizes[server_name] / 1e6 / (m / 1000)
+            self.log(f"  {name:<22} {server_name:<10} {m:8.1f} ms ({sizes[server_name] / 1e6:.1f} MB)")
+            self.fig(name, server_name, value)
 
     def rss_figures(self) -> None:
         node = self.servers["dicomnode"]
