@@ -270,6 +270,14 @@ def test_a_received_file_name_sync_begins_in_the_kernel_with_the_receipt(node, t
     assert node.archive.counts()["instances"] == 3
 
 
+def _assert_refused_and_nothing_kept(node, path) -> None:
+    """storescu of ``path`` is refused with 0xA700, and no file is left behind."""
+    proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
+    assert "I: Received Store Response (Refused: OutOfResources)" in proc.stdout + proc.stderr  # 0xA700
+    assert node.archive.counts()["instances"] == 0
+    assert [p for p in node.archive.receive_folder().iterdir() if p.is_file()] == []
+
+
 def test_a_failed_name_sync_begun_with_the_receipt_refuses_the_instance_and_keeps_nothing(threads_node, tmp_path,
                                                                                           monkeypatch):
     from storage.blobs import FileBlobStore
@@ -282,10 +290,7 @@ def test_a_failed_name_sync_begun_with_the_receipt_refuses_the_instance_and_keep
 
     [path] = corpus.save(corpus.ct_series(1), tmp_path / "in")
     monkeypatch.setattr(FileBlobStore, "sync_temp_folder", fail)
-    proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
-    assert "I: Received Store Response (Refused: OutOfResources)" in proc.stdout + proc.stderr  # 0xA700
-    assert node.archive.counts()["instances"] == 0
-    assert [p for p in node.archive.receive_folder().iterdir() if p.is_file()] == []
+    _assert_refused_and_nothing_kept(node, path)
 
 
 def test_a_failed_sync_before_the_acknowledgement_refuses_the_instance_and_keeps_nothing(node, tmp_path,
@@ -304,10 +309,7 @@ def test_a_failed_sync_before_the_acknowledgement_refuses_the_instance_and_keeps
 
     [path] = corpus.save(corpus.ct_series(1), tmp_path / "in")
     monkeypatch.setattr(disk_sync, "start", start)
-    proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
-    assert "I: Received Store Response (Refused: OutOfResources)" in proc.stdout + proc.stderr  # 0xA700
-    assert node.archive.counts()["instances"] == 0
-    assert [p for p in node.archive.receive_folder().iterdir() if p.is_file()] == []
+    _assert_refused_and_nothing_kept(node, path)
 
 
 def test_a_large_dataset_is_handed_to_the_disk_as_it_arrives(node, tmp_path, monkeypatch):
