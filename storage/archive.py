@@ -60,7 +60,7 @@ _DEFER_SIZE = 4096  # values larger than this are skipped, not loaded, while ind
 _BATCH = 64  # instances stored together by store_prepared_all
 # a temp file's name sync begun before its content is complete: in the kernel
 # (storage/disk_sync.py) or on the archive's pool
-NameSync = Future[None] | disk_sync.Pending
+BegunNameSync = Future[None] | disk_sync.Pending
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ class Archive:
 
     def store_received_file(
         self, path: Path, source: Source, expected_study: str | None = None,
-        name_synced: "NameSync | None" = None,
+        name_synced: "BegunNameSync | None" = None,
     ) -> StoreResult:
         """Store the file at ``path``, which the caller gives up (a file a receiver wrote,
         such as pynetdicom's chunked C-STORE dataset): moved into the archive's temp
@@ -306,7 +306,7 @@ class Archive:
         (taken over as it is), or ``None`` when this blob store has no such folder."""
         return self.blobs.tmp if isinstance(self.blobs, FileBlobStore) else None
 
-    def start_name_sync(self) -> "NameSync | None":
+    def start_name_sync(self) -> "BegunNameSync | None":
         """A receiver has just created a file in :meth:`receive_folder`: start making its
         name durable now, beside the receipt, rather than once the file is complete.
         Hand the result to :meth:`store_received_file` with the file (``None``: the
@@ -342,7 +342,7 @@ class Archive:
 
     def store_temp(
         self, temp: Path, source: Source, expected_study: str | None = None,
-        name_synced: "NameSync | None" = None,
+        name_synced: "BegunNameSync | None" = None,
     ) -> StoreResult:
         """The one ingest path. Takes ownership of ``temp`` (a file from :meth:`new_temp`).
         ``name_synced``: the sync of ``temp``'s name, when one was started already
@@ -412,7 +412,8 @@ class Archive:
             self.metrics.inc("dicomnode_ingest_failures_total", reason="StorageFailure")
 
     def _ingest(
-        self, temp: Path, source: Source, expected_study: str | None, name_synced: "NameSync | None" = None,
+        self, temp: Path, source: Source, expected_study: str | None,
+        name_synced: "BegunNameSync | None" = None,
     ) -> StoreResult:
         # One descriptor for the size, the header and the content sync (no buffered file:
         # each Python open costs an fstat, an ioctl and seeks, and every syscall a GIL
@@ -445,7 +446,7 @@ class Archive:
                 parsed = _parse_with_pydicom(fh, size)
         return parsed
 
-    def _start_temp_sync(self) -> "NameSync | None":
+    def _start_temp_sync(self) -> "BegunNameSync | None":
         """Start syncing the temp file's name (its folder): in the kernel, or on the
         archive's pool; the caller syncs the content meanwhile. (``None``: no temp
         folder, or it could not be begun: the name is synced with the content.)"""
@@ -461,7 +462,8 @@ class Archive:
         assert isinstance(blobs, FileBlobStore)
         return self._temp_syncs.submit(blobs.sync_temp_folder)
 
-    def _sync_temp(self, temp: Path, name_synced: "NameSync | None", fd: int | None = None) -> None:
+    def _sync_temp(self, temp: Path, name_synced: "BegunNameSync | None",
+                   fd: int | None = None) -> None:
         """The temp file's content and name on disk (``fd``: an open descriptor of it)."""
         assert isinstance(self.blobs, FileBlobStore)
         if self.syncs_together:
@@ -474,7 +476,8 @@ class Archive:
             assert isinstance(name_synced, Future)
             name_synced.result()
 
-    def _sync_together(self, temp: Path, fd: int | None, name_synced: "NameSync | None", index_too: bool) -> None:
+    def _sync_together(self, temp: Path, fd: int | None, name_synced: "BegunNameSync | None",
+                       index_too: bool) -> None:
         """The temp file's content, its name (the temp folder, unless ``name_synced``
         began that sync already) and, with ``index_too``, every index commit so far (the
         WAL) on disk: synced side by side by the kernel, with one wait on this thread
@@ -538,7 +541,8 @@ class Archive:
         return PreparedInstance(temp, source, record, sop_class, sop_uid, study_uid, series_uid)
 
     def _store_checked(
-        self, prepared: PreparedInstance, synced: "NameSync | None" = None, fd: int | None = None,
+        self, prepared: PreparedInstance, synced: "BegunNameSync | None" = None,
+        fd: int | None = None,
     ) -> StoreResult:
         temp = prepared.temp
         with self._instance_locks.holding([prepared.sop_instance_uid]):
@@ -730,7 +734,7 @@ class Archive:
         self.blobs.delete(key)
 
     def _commit_overlapped(
-        self, temp: Path, key: str, record: InstanceRecord, synced: "NameSync | None" = None,
+        self, temp: Path, key: str, record: InstanceRecord, synced: "BegunNameSync | None" = None,
         fd: int | None = None,
     ) -> Any:
         """Journal, file and index with one wait for the disk before the acknowledgement:

@@ -129,6 +129,8 @@ _probe_lock = threading.Lock()
 def available() -> bool:
     """Can this process sync files with :func:`sync_together`? (Found out once.)"""
     global _available, _contexts
+    if _available is not None:  # every sync asks: no lock once it is known
+        return _available
     with _probe_lock:
         if _available is None:
             _available = False
@@ -150,11 +152,11 @@ def _probe() -> bool:
     with tempfile.TemporaryFile() as probe:
         probe.write(b"dicomnode")
         probe.flush()
-        if _sync([(probe.fileno(), True), (probe.fileno(), False)]) != [None, None]:
+        if Pending([(probe.fileno(), True), (probe.fileno(), False)]).wait() != [None, None]:
             return False
     read_end, write_end = os.pipe()
     try:
-        [pipe] = _sync([(read_end, True)])
+        [pipe] = Pending([(read_end, True)]).wait()
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -190,10 +192,6 @@ def start(targets: Sequence[tuple[int, bool]]) -> "Pending":
 
 class _NoContext(Exception):
     """No AIO context could be set up."""
-
-
-def _sync(targets: Sequence[tuple[int, bool]]) -> list[OSError | None]:
-    return Pending(targets).wait()
 
 
 class Pending:
