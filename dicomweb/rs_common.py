@@ -9,6 +9,9 @@ import hashlib
 import io
 import json
 import os
+import select
+import socket
+import threading
 import uuid
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
@@ -346,8 +349,10 @@ async def send_multipart_files(request: web.Request, archive: Archive, part_type
     """A ``multipart/related`` response of whole stored files, byte for byte what
     :class:`MultipartStream` writes, but with a Content-Length (the sizes are known) so
     that each file body can go by ``sendfile``: the part headers are written between.
-    Files are opened a few ahead in the thread pool and closed as soon as sent, also when
-    the client goes away mid-stream."""
+    Where the connection is a plain socket, one thread of the response's own sends the
+    parts (:func:`_send_parts_from_a_thread`); else the event loop does, the files opened
+    a few ahead in the thread pool. Either way a file is closed as soon as sent, also
+    when the client goes away mid-stream."""
     boundary = uuid.uuid4().hex
     heads = []
     for part in parts:
@@ -364,6 +369,10 @@ async def send_multipart_files(request: web.Request, archive: Archive, part_type
         await response.write_eof()
         return response
     sendfile = _can_sendfile(request, response)
+    if sendfile and (sock := _socket_of(request)) is not None:
+        await _send_parts_from_a_thread(request, sock, archive, heads, parts, closing)
+        await response.write_eof()
+        return response
     loop = asyncio.get_running_loop()
     executor = request.app[EXECUTOR]
     pending: list[asyncio.Future] = []
@@ -398,6 +407,126 @@ async def send_multipart_files(request: web.Request, archive: Archive, part_type
             future.add_done_callback(_close_result)
     await response.write_eof()
     return response
+
+
+def _socket_of(request: web.Request) -> socket.socket | None:
+    """The connection's socket, for a sending thread to write to directly; ``None``
+    where the transport has none (then the event loop sends)."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock if sock is not None and sock.type == socket.SOCK_STREAM else None
+
+
+async def _send_parts_from_a_thread(request: web.Request, sock: Any, archive: Archive,
+                                    heads: list[bytes], parts: list[FilePart], closing: bytes) -> None:
+    """The parts' bodies of a multipart response sent by one thread of its own, straight
+    to the socket: each part head, then the file by ``sendfile``.
+
+    Measured on a 500-instance CT study (0.5 MB a file): the event loop's
+    ``loop.sendfile`` costs 60-120 us of interpreter time a part (a waiter, pausing the
+    transport, a callback per socket buffer filled) and keeps the loop busy; here a part
+    costs a ``send`` and one or a few ``sendfile`` calls, and the loop serves other
+    requests meanwhile.
+
+    The thread writes through a duplicate of the socket's descriptor: should the loop
+    close the connection meanwhile (the client went away), the descriptor cannot be
+    reused under the thread, whose next write then fails. The response head
+    (``prepare``) is on the wire before the thread writes; nothing else writes to the
+    connection until this returns."""
+    transport = request.transport
+    assert transport is not None
+    while transport.get_write_buffer_size():  # the response head still queued: it goes first
+        if transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        await asyncio.sleep(0.001)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    stop = threading.Event()
+    own = socket.socket(fileno=os.dup(sock.fileno()))
+    own.settimeout(0.0)  # as the loop's: the two share the descriptor's flags
+
+    def finish(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(None)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            _send_parts(own, archive, heads, parts, closing, stop)
+        except BaseException as exc:  # reported to the awaiting handler
+            error = exc
+        finally:
+            own.close()
+        try:
+            loop.call_soon_threadsafe(finish, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    # once cancelled, nobody awaits the thread's outcome: look at it, or asyncio reports
+    # "exception was never retrieved" when the future is collected
+    done.add_done_callback(lambda future: future.cancelled() or future.exception())
+    threading.Thread(target=run, name="wado-send", daemon=True).start()
+    try:
+        await asyncio.shield(done)
+    finally:
+        stop.set()  # cancelled (the server stops): the thread gives up at its next wait
+
+
+_WAIT_MS = 1000  # the sending thread looks at its stop flag this often while the client reads
+
+
+def _send_parts(sock: socket.socket, archive: Archive, heads: list[bytes], parts: list[FilePart],
+                closing: bytes, stop: threading.Event) -> None:
+    """Write the parts and the closing boundary to ``sock`` (non-blocking)."""
+    fd = sock.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+
+    def writable() -> None:
+        while not poller.poll(_WAIT_MS):
+            if stop.is_set():
+                raise ConnectionResetError("the response was abandoned")
+
+    def send(data: bytes, more: bool) -> None:
+        view = memoryview(data)
+        flags = socket.MSG_MORE if more else 0  # the file's first bytes join the part head
+        while view:
+            try:
+                view = view[sock.send(view, flags):]
+            except BlockingIOError:
+                writable()
+
+    separator = b""
+    for head, part in zip(heads, parts):
+        try:
+            fh = _open_sized(archive, part)
+        except NotFound as exc:  # deleted since it was listed; the headers are out: hang up
+            raise ConnectionResetError(str(exc)) from exc
+        try:
+            send(separator + head, more=True)
+            if _file_size(fh) is None:  # a blob store without files: its bytes, read here
+                left = part.size
+                while left > 0:
+                    chunk = fh.read(min(BIG_CHUNK, left))
+                    if not chunk:
+                        raise ConnectionResetError("a stored file is shorter than its recorded size")
+                    left -= len(chunk)
+                    send(chunk, more=True)
+            else:
+                offset, source = 0, fh.fileno()
+                while offset < part.size:
+                    try:
+                        sent = os.sendfile(fd, source, offset, part.size - offset)
+                    except BlockingIOError:
+                        writable()
+                        continue
+                    if not sent:
+                        raise ConnectionResetError("a stored file is shorter than its recorded size")
+                    offset += sent
+        finally:
+            fh.close()
+        separator = b"\r\n"
+    send(separator + closing, more=False)
 
 
 def _open_sized(archive: Archive, part: FilePart) -> Any:

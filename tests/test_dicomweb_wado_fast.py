@@ -165,3 +165,82 @@ def test_a_client_that_hangs_up_mid_stream_leaves_no_file_open(node):
     assert requests.get(f"{node.base_url}/healthz", timeout=10).status_code == 200
     full = requests.get(f"{node.base_url}{path}", headers={"Accept": DICOM_ALL}, timeout=60)
     assert len(split_multipart(full)) == 48
+
+
+def _stalled_study_download(node, study_uid: str) -> tuple[socket.socket, bytes]:
+    """A GET of a study whose client reads the response's first bytes (returned with
+    the socket) and then nothing more."""
+    sock = socket.create_connection(("127.0.0.1", node.http_port), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    path = f"/dicomweb/studies/{study_uid}"
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {DICOM_ALL}\r\n\r\n".encode())
+    first = sock.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200")
+    return sock, first
+
+
+def _sending_threads() -> list[str]:
+    import threading
+    return [t.name for t in threading.enumerate() if t.name == "wado-send"]
+
+
+def test_a_file_gone_before_its_turn_ends_the_response_short(node):
+    datasets = corpus.ct_series(48, size=256)  # ~6 MB: more than the socket buffers hold
+    stow_datasets(node.base_url, datasets)
+    stored = node.archive.instances(datasets[0].StudyInstanceUID)
+    sock, received = _stalled_study_download(node, datasets[0].StudyInstanceUID)
+    with sock:
+        node.archive.instance_path(stored[-1]).unlink()  # the last part: not sent yet
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # now read fast
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    announced = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                         if line.lower().startswith(b"content-length")))
+    assert 0 < len(body) < announced  # the connection closed: the client knows the body is short
+    assert requests.get(f"{node.base_url}/healthz", timeout=10).status_code == 200
+
+
+def test_a_cancelled_response_lets_its_sending_thread_go(node):
+    """A response whose handler is cancelled (the server stopping) while its client
+    reads nothing: the thread sending the files gives up within a second or so."""
+    from aiohttp import web
+
+    datasets = corpus.ct_series(48, size=256)
+    stow_datasets(node.base_url, datasets)
+    stored = node.archive.instances(datasets[0].StudyInstanceUID)
+    parts = [rs_common.FilePart("application/dicom", item, item.size) for item in stored]
+    handlers: list[asyncio.Task] = []
+
+    async def study(request: web.Request) -> web.StreamResponse:
+        handlers.append(asyncio.current_task())
+        return await rs_common.send_multipart_files(request, node.archive, "application/dicom", {}, parts)
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/study", study)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(client, ("127.0.0.1", port))
+            await asyncio.get_running_loop().sock_sendall(client, b"GET /study HTTP/1.1\r\nHost: x\r\n\r\n")
+            deadline = time.monotonic() + 10
+            while not (handlers and _sending_threads()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert _sending_threads() == ["wado-send"]
+            handlers[0].cancel()
+            deadline = time.monotonic() + 5
+            while _sending_threads() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert _sending_threads() == []
+            client.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
