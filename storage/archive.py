@@ -145,7 +145,8 @@ class Archive:
         self.syncs_together = False
         if isinstance(self.blobs, FileBlobStore):
             self.flusher = FolderFlusher(functools.partial(self.blobs.sync_folders, changed_only=True),
-                                         self.index.journal_finished, self.blobs.discard_temp)
+                                         self.index.journal_finished, self.blobs.discard_temp,
+                                         drop_obsolete=self._drop_obsolete_files)
             self.syncs_together = disk_sync.available()
             if not self.syncs_together:
                 self._temp_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="temp-sync")
@@ -696,8 +697,12 @@ class Archive:
         return dataclasses.replace(prepared.record, blob_key=key, received_at=time.time())
 
     def _stored(self, prepared: PreparedInstance, record: InstanceRecord, outcome: UpsertOutcome) -> StoreResult:
-        """An instance is stored: its obsolete file goes, it is logged and announced."""
-        self._drop_obsolete(outcome)
+        """An instance is stored: its obsolete file goes (soon, with the flusher's next
+        batch, where there is one), it is logged and announced."""
+        if outcome.obsolete_blob and self.flusher is not None:
+            self.flusher.submit_obsolete(outcome.obsolete_blob, outcome.obsolete_journal)
+        else:
+            self._drop_obsolete(outcome)
         source = prepared.source
         self._studies_stored.add(prepared.study_uid, source.organization)
         result = StoreResult(
@@ -726,6 +731,19 @@ class Archive:
             self._delete_blob(outcome.obsolete_blob)
             if outcome.obsolete_journal is not None:
                 self.index.journal_finished(outcome.obsolete_journal)
+
+    def _drop_obsolete_files(self, obsolete: list[tuple[str, int | None]]) -> None:
+        """:meth:`_drop_obsolete` for a batch (the flusher's thread): one sync of the
+        index makes the rows pointing at the new files durable (every commit before the
+        sync is: the rows were committed before their instances were acknowledged),
+        then the old files go and their journal rows with them."""
+        journal = [pk for _, pk in obsolete if pk is not None]
+        if journal:
+            self.index.journal_sync(max(journal))
+        for key, pk in obsolete:
+            self._delete_blob(key)
+            if pk is not None:
+                self.index.journal_finished(pk)
 
     def _delete_blob(self, key: str) -> None:
         """Delete a blob and what was derived from it (the derived data first: a crash

@@ -690,3 +690,72 @@ def test_a_file_system_without_hard_links_gets_the_file_renamed(tmp_path, monkey
         blobs.discard_temp(temp)  # what the flusher then does: nothing left to remove
     finally:
         blobs.close()
+
+
+@pytest.fixture
+def slow_flusher_archive(tmp_path):
+    """An archive whose flusher gathers a batch for 30 s (until ``drain``): what is done
+    before a store returns is the acknowledgement's, the rest the flusher's."""
+    archive = Archive(tmp_path / "a")
+    archive.flusher.gather_s = 30
+    yield archive
+    archive.close()
+
+
+def _stored_file(archive: Archive, sop_uid: str) -> Path:
+    [stored] = archive.index.instances(None, None, (sop_uid,))
+    return archive.instance_path(stored)
+
+
+def test_a_resent_instance_is_acknowledged_before_its_old_file_goes(slow_flusher_archive):
+    archive = slow_flusher_archive
+    [ds] = corpus.ct_series(1)
+    archive.store_bytes(_bytes(ds), Source("test"))
+    assert archive.flusher.drain(10)
+    old = _stored_file(archive, ds.SOPInstanceUID)
+    result = archive.store_bytes(_bytes(ds), Source("test"))
+    new = _stored_file(archive, ds.SOPInstanceUID)
+    assert result.replaced and new != old
+    assert old.exists()  # its 'delete' journal row waits with it for the flusher
+    assert [action for _, _, action, _ in _journal(archive)].count("delete") == 1
+    assert archive.flusher.drain(10)
+    assert not old.exists() and new.exists()
+
+
+def test_the_old_files_of_a_batch_of_resends_cost_one_sync_of_the_index(slow_flusher_archive, monkeypatch):
+    archive = slow_flusher_archive
+    datasets = corpus.ct_series(5)
+    for ds in datasets:
+        archive.store_bytes(_bytes(ds), Source("test"))
+    assert archive.flusher.drain(10)
+    old = [_stored_file(archive, ds.SOPInstanceUID) for ds in datasets]
+    syncs = []
+    real_sync = archive.index.journal_sync
+    monkeypatch.setattr(archive.index, "journal_sync", lambda pk: (syncs.append(pk), real_sync(pk)))
+    for ds in datasets:
+        archive.store_bytes(_bytes(ds), Source("test"))
+    assert syncs == []  # none before an acknowledgement
+    assert archive.flusher.drain(10)
+    assert len(syncs) == 1
+    assert not any(path.exists() for path in old)
+    assert archive.counts()["instances"] == 5
+
+
+def test_old_files_a_crash_left_are_deleted_by_repair(tmp_path):
+    archive = Archive(tmp_path / "a")
+    [ds] = corpus.ct_series(1)
+    archive.store_bytes(_bytes(ds), Source("test"))
+    assert archive.flusher.drain(10)
+    old = _stored_file(archive, ds.SOPInstanceUID)
+    archive.flusher.gather_s = 30
+    archive.flusher._drop_obsolete = lambda obsolete: None  # the process dies before the flusher deletes
+    archive.store_bytes(_bytes(ds), Source("test"))
+    archive.close()
+    assert old.exists()
+    reopened = Archive(tmp_path / "a")
+    try:
+        assert not old.exists()
+        assert _stored_file(reopened, ds.SOPInstanceUID).exists()
+        assert "delete" not in [action for _, _, action, _ in _journal(reopened)]
+    finally:
+        reopened.close()
