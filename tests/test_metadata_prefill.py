@@ -85,6 +85,7 @@ def test_a_replaced_instance_gets_a_fresh_entry_and_the_old_one_goes(node):
     assert _prefill(node).drain(60)
     [new] = node.archive.instances(ds.StudyInstanceUID)
     assert new.blob_key != old.blob_key
+    assert node.archive.flusher.drain(10)  # the old file and its entry go after the acknowledgement
     assert not (cache_root / f"{old.blob_key}.json").exists()
     assert (cache_root / f"{new.blob_key}.json").is_file()
     body = requests.get(_metadata_url(node, ds.StudyInstanceUID), headers=JSON, timeout=30).json()
