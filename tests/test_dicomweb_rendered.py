@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +202,14 @@ def test_wado_uri_bad_parameters_are_400(node_with_images, params):
     response = _wado_uri(node, images["ct"], **params)
     assert response.status_code == 400
     assert response.json()["error"]
+
+
+def test_the_image_encoders_are_loaded_with_the_node_not_by_its_first_rendered_frame():
+    import subprocess
+    import sys
+
+    probe = ("import sys, dicomweb.rendering; "
+             "print(all(m in sys.modules for m in ('PIL.JpegImagePlugin', 'PIL.PngImagePlugin', 'PIL.GifImagePlugin')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.stdout.strip() == "True"
