@@ -244,3 +244,12 @@ def test_a_cancelled_response_lets_its_sending_thread_go(node):
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_a_kept_alive_connection_serves_the_next_request_after_a_study(series):
+    node, datasets = series
+    with requests.Session() as session:
+        for _ in range(3):
+            study = session.get(_study_url(node, datasets[0]), headers={"Accept": DICOM_ALL}, timeout=30)
+            assert study.status_code == 200 and len(split_multipart(study)) == len(datasets)
+            assert session.get(f"{node.base_url}/healthz", timeout=10).status_code == 200
