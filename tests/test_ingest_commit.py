@@ -12,6 +12,7 @@ from storage import Archive, Source
 from storage.blobs import FileBlobStore
 from storage.errors import StorageFailure
 from tests import corpus
+from tests.support import leftover_temp_files
 
 
 def _bytes(ds) -> bytes:
@@ -411,7 +412,7 @@ def test_storescu_dataset_arrives_through_the_chunked_file(node, monkeypatch):
     dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path), check=True)
     assert node.archive.instances(sop_instance_uids=(ds.SOPInstanceUID,))
     assert node.archive.flusher.drain(timeout=30)  # the temp name goes once the key's folder is synced
-    assert [p for p in (node.data_dir / "blobs" / ".tmp").rglob("*") if p.is_file()] == []
+    assert leftover_temp_files(node.data_dir / "blobs" / ".tmp") == []
 
 
 def test_an_index_job_never_hands_its_cursor_to_another_thread(tmp_path):
@@ -557,7 +558,7 @@ def test_a_c_store_opens_its_received_file_once_and_removes_its_temp_name_once(n
     assert len(opened) == 3 and len(set(opened)) == 3
     assert buffered == []
     assert sorted(map(str, unlinked)) == sorted(map(str, opened))
-    assert [p for p in (node.data_dir / "blobs" / ".tmp").rglob("*") if p.is_file()] == []
+    assert leftover_temp_files(node.data_dir / "blobs" / ".tmp") == []
 
 
 def test_a_refused_c_store_leaves_no_received_file(node):
@@ -569,7 +570,7 @@ def test_a_refused_c_store_leaves_no_received_file(node):
     ds.save_as(path, enforce_file_format=True)
     dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
     assert node.archive.counts()["instances"] == 0
-    assert [p for p in (node.data_dir / "blobs" / ".tmp").rglob("*") if p.is_file()] == []
+    assert leftover_temp_files(node.data_dir / "blobs" / ".tmp") == []
 
 
 def test_a_received_file_on_another_file_system_is_copied_and_then_gone(tmp_path):
