@@ -10,6 +10,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
 from tests import corpus
+from tests.support import leftover_temp_files
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def raw_sender(monkeypatch):
 def _nothing_stored(node) -> None:
     assert node.archive.counts()["instances"] == 0
     blobs = node.data_dir / "blobs"
-    assert [p for p in blobs.rglob("*") if p.is_file()] == []
+    assert leftover_temp_files(blobs) == []  # no file of any instance, nor any temp file a store left
 
 
 def _write(ds: Dataset, path: Path) -> Path:
