@@ -360,9 +360,8 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
         if cx is None or request is None:
             return False  # pynetdicom decodes it (and reports what is wrong)
         try:
-            ae = self.assoc.ae
             receipt = StoreReceipt(folder, context_id, bytes(command), request, cx.transfer_syntax[0],
-                                   getattr(ae, "dicomnode_name_sync", None), getattr(ae, "dicomnode_new_file", None))
+                                   getattr(self.assoc.ae, "dicomnode_name_sync", None))
         except OSError:
             return False  # no file there (a full disk, say): pynetdicom's own way
         self._receipt = receipt

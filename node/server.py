@@ -59,8 +59,6 @@ class DicomNode:
         # (node/store_receipt.py); an archive without one gets pynetdicom's temp files
         self.ae.dicomnode_receive_folder = archive.receive_folder()
         self.ae.dicomnode_name_sync = archive.start_name_sync
-        if self.ae.dicomnode_receive_folder is not None:
-            self.ae.dicomnode_new_file = archive.new_received_file
         self.ae.dicomnode_foreground = archive.foreground
         self.server: ThreadedAssociationServer | None = None
         archive.workitems.ae_title = settings.ae.title  # where a workitem's images are retrieved

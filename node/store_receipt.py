@@ -12,9 +12,8 @@ This module does the same work with less:
 
 - :class:`StoreReceipt` writes the preamble, the file meta (:func:`file_meta_bytes`,
   the bytes pynetdicom's ``create_file_meta`` + ``write_file_meta_info`` give) and the
-  fragments (memoryview slices, no copies) to a file in the archive's temp folder, made
-  ahead by the archive (``new_received_file``, storage/temp_pool.py), where the archive
-  takes it over without a rename;
+  fragments (memoryview slices, no copies) to a file it creates in the archive's temp
+  folder, where the archive takes it over without a rename;
 - the disk works while the dataset arrives, not only once it is complete: the file's
   name starts being made durable (the archive's ``start_name_sync``) as soon as the
   file exists, and its content is handed to the disk every ``WRITEBACK_BYTES``
@@ -34,6 +33,7 @@ from __future__ import annotations
 
 import os
 import struct
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,14 +41,12 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse_primitives import C_STORE
 
 from storage.blobs import start_writeback
-from storage.temp_pool import create_temp_file
 
 from .commands import ui_value
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 WRITEBACK_BYTES = 256 * 1024  # written between two requests to start writing back
 NameSync = Callable[[], Any]  # the archive's start_name_sync: what it returns goes back to the archive
-TakeFile = Callable[[], tuple[Path, int]]  # the archive's new_received_file: a path and a descriptor to write
 
 
 def _sh(value: str) -> bytes:
@@ -84,17 +82,14 @@ class ReceivedFile:
     """The file a C-STORE dataset is written to; ``name`` and ``close`` are what
     pynetdicom's store service calls on ``req._dataset_file`` after the handler.
 
-    ``take_file`` (the archive's ``new_received_file``) gives the file, made ahead;
-    without it the file is made here, in ``folder``. ``name_sync`` (the archive's
-    ``start_name_sync``) is called once the file is this receipt's; what it returns,
-    ``name_synced``, goes to the archive with the file."""
+    ``name_sync`` (the archive's ``start_name_sync``) is called once the file exists;
+    what it returns, ``name_synced``, goes to the archive with the file."""
 
-    def __init__(self, folder: Path, name_sync: NameSync | None = None,
-                 take_file: TakeFile | None = None) -> None:
-        self.path, fd = take_file() if take_file is not None else create_temp_file(folder)
+    def __init__(self, folder: Path, name_sync: NameSync | None = None) -> None:
+        self.path = folder / f"{uuid.uuid4().hex}.dcm.part"
         self.name = str(self.path)
         self.error: OSError | None = None
-        self._fd: int | None = fd
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._unsubmitted = 0  # bytes written since writeback was last started
         self.name_synced: Any = None
         if name_sync is not None:
@@ -141,9 +136,9 @@ class StoreReceipt:
     """One C-STORE-RQ being received: its command, its request primitive, its file."""
 
     def __init__(self, folder: Path, context_id: int, command: bytes, request: C_STORE, transfer_syntax_uid: str,
-                 name_sync: NameSync | None = None, take_file: TakeFile | None = None) -> None:
+                 name_sync: NameSync | None = None) -> None:
         self.context_id = context_id
         self.command = command
         self.request = request
-        self.file = ReceivedFile(folder, name_sync, take_file)
+        self.file = ReceivedFile(folder, name_sync)
         self.file.write(file_meta_bytes(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, transfer_syntax_uid))

@@ -307,13 +307,6 @@ class Archive:
         (taken over as it is), or ``None`` when this blob store has no such folder."""
         return self.blobs.tmp if isinstance(self.blobs, FileBlobStore) else None
 
-    def new_received_file(self) -> tuple[Path, int]:
-        """A new empty file in :meth:`receive_folder` for a receiver to write a dataset
-        into: its path and a descriptor open for writing, made ahead of the receipt
-        (storage/temp_pool.py). Its name is not durable yet: :meth:`start_name_sync`."""
-        assert isinstance(self.blobs, FileBlobStore)
-        return self.blobs.take_receipt_file()
-
     def start_name_sync(self) -> "BegunNameSync | None":
         """A receiver has just created a file in :meth:`receive_folder`: start making its
         name durable now, beside the receipt, rather than once the file is complete.

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Protocol
 
 from .errors import StorageFailure
-from .temp_pool import TempFilePool
 
 # Keys as the archive makes them (``study/series/sop.dcm``): segments of safe characters,
 # none starting with a dot (so no ``..``, no hidden names), never absolute. Such a key
@@ -93,18 +92,11 @@ class FileBlobStore:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.tmp = self.tmp_root / self._id
         os.rename(staging, self.tmp)
-        self.receipt_files = TempFilePool(self.tmp)  # files made ahead for C-STORE receipts
-
-    def take_receipt_file(self) -> tuple[Path, int]:
-        """An empty temp file for a receipt to write a dataset into: its path and a
-        descriptor open for writing (storage/temp_pool.py)."""
-        return self.receipt_files.take()
 
     def close(self) -> None:
         """Remove this process's temp folder and release its lock."""
         if self._lock_fd is None:
             return
-        self.receipt_files.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.close(self._lock_fd)
         self._lock_fd = None

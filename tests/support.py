@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 
-from storage.temp_pool import SUFFIX as TEMP_POOL_SUFFIX
 from tests.conftest import REPO, free_port
 
 T = TypeVar("T")
@@ -157,20 +156,6 @@ class ArchiveState:
 
     def files_without_row(self) -> set[str]:
         return self.files - set(self.rows.values())
-
-
-def leftover_temp_files(folder: Path) -> list[Path]:
-    """The files under a temp folder that a store left behind: every file but the empty
-    ones made ahead for C-STORE receipts (storage/temp_pool.py), which are no instance's
-    until a receipt takes one (and a receipt writes the file meta at once)."""
-    left = []
-    for path in folder.rglob("*"):
-        try:
-            if path.is_file() and not (path.name.endswith(TEMP_POOL_SUFFIX) and path.stat().st_size == 0):
-                left.append(path)
-        except FileNotFoundError:  # removed meanwhile
-            pass
-    return left
 
 
 def archive_state(data_dir: Path) -> ArchiveState:

@@ -3,7 +3,6 @@ same bytes pynetdicom would write and send (node/store_receipt.py)."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pytest
 from pynetdicom.dimse_messages import C_STORE_RSP
@@ -15,7 +14,7 @@ from node.commands import read_command_fields, store_rsp_command
 from node.store_receipt import file_meta_bytes
 from tests import corpus
 from tests.conftest import dcmtk
-from tests.support import leftover_temp_files, wait_until
+from tests.support import wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -76,7 +75,7 @@ def test_received_dataset_is_written_to_the_archive_temp_folder_and_taken_over(n
     meta_end = 132 + 12 + int.from_bytes(sent[140:144], "little")
     assert written[132 + 12 + int.from_bytes(written[140:144], "little"):] == sent[meta_end:]
     assert node.archive.flusher.drain(timeout=30)  # the temp name goes once the key's folder is synced
-    assert leftover_temp_files(node.archive.receive_folder()) == []
+    assert [p for p in node.archive.receive_folder().rglob("*") if p.is_file()] == []
 
 
 def _raw_association(node):
@@ -114,7 +113,7 @@ def test_a_command_fragment_inside_a_dataset_aborts_and_keeps_nothing(node):
         if assoc.is_established:
             assoc.abort()
     assert node.archive.counts()["instances"] == 0
-    assert leftover_temp_files(node.archive.receive_folder()) == []
+    assert [p for p in node.archive.receive_folder().rglob("*") if p.is_file()] == []
 
 
 def _store_rq_command(**extra) -> bytes:
@@ -214,13 +213,13 @@ def test_a_received_file_name_starts_being_synced_once_the_file_exists_and_only_
     sync_temp_folder = FileBlobStore.sync_temp_folder
 
     def spy_start():
-        present = {p.name for p in folder.iterdir()}
+        started.append({p.name for p in folder.iterdir() if p.name.endswith(".dcm.part")})
         future = start_name_sync()
-        started.append((present, future))
+        started[-1] = (started[-1], future)
         return future
 
     def spy_store(path, *args, **kwargs):
-        handed.append((Path(path).name, kwargs.get("name_synced")))
+        handed.append(kwargs.get("name_synced"))
         return store_received_file(path, *args, **kwargs)
 
     def spy_sync(self):
@@ -231,11 +230,11 @@ def test_a_received_file_name_starts_being_synced_once_the_file_exists_and_only_
     monkeypatch.setattr(node.archive, "store_received_file", spy_store)
     monkeypatch.setattr(FileBlobStore, "sync_temp_folder", spy_sync)
     dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), *map(str, paths), check=True)
-    assert len(started) == 3 and len(handed) == 3
-    # each file stored was in the folder when the sync of its name began
-    assert all(name in present for (name, _), (present, _) in zip(handed, started))
-    assert [begun for _, begun in handed] == [future for _, future in started]  # the archive got the sync it waits for
-    assert all(future.done() and future.exception() is None for _, future in handed)
+    seen_before = [set()] + [names for names, _ in started[:-1]]
+    assert len(started) == 3
+    assert all(names - before for (names, _), before in zip(started, seen_before))  # each new file already there
+    assert handed == [future for _, future in started]  # the archive got the sync it waits for
+    assert all(future.done() and future.exception() is None for future in handed)
     assert len(folder_syncs) == 3  # one per instance, not a second one after the receipt
     assert node.archive.counts()["instances"] == 3
 
@@ -276,7 +275,7 @@ def _assert_refused_and_nothing_kept(node, path) -> None:
     proc = dcmtk("storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.ae_port), str(path))
     assert "I: Received Store Response (Refused: OutOfResources)" in proc.stdout + proc.stderr  # 0xA700
     assert node.archive.counts()["instances"] == 0
-    assert leftover_temp_files(node.archive.receive_folder()) == []
+    assert [p for p in node.archive.receive_folder().iterdir() if p.is_file()] == []
 
 
 def test_a_failed_name_sync_begun_with_the_receipt_refuses_the_instance_and_keeps_nothing(threads_node, tmp_path,
@@ -350,8 +349,7 @@ def test_starting_writeback_on_a_descriptor_that_has_none_is_harmless():
 
 
 def _part_files(node) -> list:
-    """Files receipts are writing (the files made ahead for them are empty)."""
-    return leftover_temp_files(node.archive.receive_folder())
+    return [p for p in node.archive.receive_folder().iterdir() if p.name.endswith(".dcm.part")]
 
 
 def _wait_for_part_file(node) -> None:
@@ -360,8 +358,8 @@ def _wait_for_part_file(node) -> None:
 
 def _assert_nothing_kept(node) -> None:
     folder = node.archive.receive_folder()
-    wait_until(lambda: not leftover_temp_files(folder), timeout=10, interval=0.02,
-               what="the receive folder to hold no received file")
+    wait_until(lambda: not [p for p in folder.iterdir() if p.is_file()], timeout=10, interval=0.02,
+               what="the receive folder to be empty")
     assert node.archive.counts()["instances"] == 0
 
 
