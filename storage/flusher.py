@@ -31,7 +31,7 @@ log = logging.getLogger("dicomnode.archive")
 
 class FolderFlusher:
     """One thread that syncs folders, then removes the temp names and reports the
-    journal rows they completed."""
+    journal rows they completed; and deletes the files re-sent instances made obsolete."""
 
     def __init__(self, sync_folders: Callable[[list[Path]], None], finished: Callable[[int], None],
                  discard_temp: Callable[[Path], None], gather_s: float = 0.02,
@@ -69,7 +69,7 @@ class FolderFlusher:
             self._cond.notify_all()
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until everything submitted so far is synced (tests, close)."""
+        """Wait until everything submitted so far is synced, and deleted (tests, close)."""
         with self._cond:
             self._hurry += 1
             self._cond.notify_all()
