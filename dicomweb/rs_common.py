@@ -389,8 +389,6 @@ async def send_multipart_files(request: web.Request, archive: Archive, part_type
             opening = pending.pop(0)
             try:
                 fh = await asyncio.shield(opening)  # cancelled here, the file is still closed below
-            except NotFound as exc:  # deleted since it was listed; the headers are out: hang up
-                raise ConnectionResetError(str(exc)) from exc
             except BaseException:
                 opening.add_done_callback(_close_result)
                 raise
@@ -496,33 +494,32 @@ def _send_parts(sock: socket.socket, archive: Archive, heads: list[bytes], parts
             except BlockingIOError:
                 writable()
 
+    def send_file(fh: Any, size: int) -> None:
+        if _file_size(fh) is None:  # a blob store without files: its bytes, read here
+            while size > 0:
+                chunk = fh.read(min(BIG_CHUNK, size))
+                if not chunk:
+                    raise ConnectionResetError("a stored file is shorter than its recorded size")
+                size -= len(chunk)
+                send(chunk, more=True)
+            return
+        offset, source = 0, fh.fileno()
+        while offset < size:
+            try:
+                sent = os.sendfile(fd, source, offset, size - offset)
+            except BlockingIOError:
+                writable()
+                continue
+            if not sent:
+                raise ConnectionResetError("a stored file is shorter than its recorded size")
+            offset += sent
+
     separator = b""
     for head, part in zip(heads, parts):
-        try:
-            fh = _open_sized(archive, part)
-        except NotFound as exc:  # deleted since it was listed; the headers are out: hang up
-            raise ConnectionResetError(str(exc)) from exc
+        fh = _open_sized(archive, part)
         try:
             send(separator + head, more=True)
-            if _file_size(fh) is None:  # a blob store without files: its bytes, read here
-                left = part.size
-                while left > 0:
-                    chunk = fh.read(min(BIG_CHUNK, left))
-                    if not chunk:
-                        raise ConnectionResetError("a stored file is shorter than its recorded size")
-                    left -= len(chunk)
-                    send(chunk, more=True)
-            else:
-                offset, source = 0, fh.fileno()
-                while offset < part.size:
-                    try:
-                        sent = os.sendfile(fd, source, offset, part.size - offset)
-                    except BlockingIOError:
-                        writable()
-                        continue
-                    if not sent:
-                        raise ConnectionResetError("a stored file is shorter than its recorded size")
-                    offset += sent
+            send_file(fh, part.size)
         finally:
             fh.close()
         separator = b"\r\n"
@@ -530,8 +527,13 @@ def _send_parts(sock: socket.socket, archive: Archive, heads: list[bytes], parts
 
 
 def _open_sized(archive: Archive, part: FilePart) -> Any:
-    """Open a part's file and check it still has the size announced in Content-Length."""
-    fh = archive.open_instance(part.stored)
+    """Open a part's file and check it still has the size announced in Content-Length.
+    Either failing, the response's headers are out: the connection is hung up
+    (``ConnectionResetError``)."""
+    try:
+        fh = archive.open_instance(part.stored)
+    except NotFound as exc:  # deleted since it was listed
+        raise ConnectionResetError(str(exc)) from exc
     size = _file_size(fh)
     if size is not None and size != part.size:
         fh.close()

@@ -723,20 +723,17 @@ class Archive:
         return result
 
     def _drop_obsolete(self, outcome: UpsertOutcome) -> None:
-        """Delete the file a replacement made obsolete, once the row pointing at the
-        new file is on disk; then let its journal row go."""
+        """Delete the file a replacement made obsolete, here and now (repair, a blob
+        store without a flusher)."""
         if outcome.obsolete_blob:
-            if outcome.obsolete_journal is not None:
-                self.index.journal_sync(outcome.obsolete_journal)
-            self._delete_blob(outcome.obsolete_blob)
-            if outcome.obsolete_journal is not None:
-                self.index.journal_finished(outcome.obsolete_journal)
+            self._drop_obsolete_files([(outcome.obsolete_blob, outcome.obsolete_journal)])
 
     def _drop_obsolete_files(self, obsolete: list[tuple[str, int | None]]) -> None:
-        """:meth:`_drop_obsolete` for a batch (the flusher's thread): one sync of the
-        index makes the rows pointing at the new files durable (every commit before the
-        sync is: the rows were committed before their instances were acknowledged),
-        then the old files go and their journal rows with them."""
+        """Delete files replacements made obsolete, once the rows pointing at the new
+        files are on disk: one sync of the index makes them durable (every commit before
+        the sync is: the rows were committed before their instances were acknowledged).
+        Then each old file goes, and its journal row with it. The flusher calls this for
+        a batch."""
         journal = [pk for _, pk in obsolete if pk is not None]
         if journal:
             self.index.journal_sync(max(journal))

@@ -7,10 +7,12 @@ import asyncio
 import io
 import os
 import socket
+import threading
 import time
 
 import pytest
 import requests
+from aiohttp import web
 from pydicom.uid import RLELossless
 
 from dicomweb import rs_common
@@ -180,7 +182,6 @@ def _stalled_study_download(node, study_uid: str) -> tuple[socket.socket, bytes]
 
 
 def _sending_threads() -> list[str]:
-    import threading
     return [t.name for t in threading.enumerate() if t.name == "wado-send"]
 
 
@@ -204,8 +205,6 @@ def test_a_file_gone_before_its_turn_ends_the_response_short(node):
 def test_a_cancelled_response_lets_its_sending_thread_go(node):
     """A response whose handler is cancelled (the server stopping) while its client
     reads nothing: the thread sending the files gives up within a second or so."""
-    from aiohttp import web
-
     datasets = corpus.ct_series(48, size=256)
     stow_datasets(node.base_url, datasets)
     stored = node.archive.instances(datasets[0].StudyInstanceUID)
